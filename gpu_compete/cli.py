@@ -1,0 +1,418 @@
+"""The `gpu-compete` command line: thin commands that build objects and print.
+
+`gpu-compete --commands FILE` is `gpu-compete run --commands FILE`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+
+EXIT_USAGE = 2
+
+
+class Seconds(click.ParamType):
+    """A finite number of seconds, 0 or more; fractions allowed."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(number) or number < 0:
+            self.fail(f"{value!r} must be a finite number of seconds, 0 or more", param, ctx)
+        return number
+
+
+SECONDS = Seconds()
+
+
+class DefaultGroup(click.Group):
+    """Runs `run` when the first argument is not a subcommand (`gpu-compete --commands f`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    click.echo(f"gpu-compete: {message}", err=True)
+    sys.exit(code)
+
+
+def _warnings_to_stderr() -> None:
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        click.echo(f"gpu-compete: warning: {message}", err=True)
+
+    warnings.showwarning = show
+
+
+def _load_commands(path: str):
+    from .commandfile import CommandFileError, load
+
+    try:
+        parsed = load(path)
+    except CommandFileError as exc:
+        _fail(str(exc))
+    for warning in parsed.warnings:
+        click.echo(f"{parsed.path}:{warning.line}: warning: {warning.message}", err=True)
+    return parsed
+
+
+def _open_probe(simulate: str | None, gpus: str):
+    from .gpus import NoDriverError, ScopeError, open_probe
+    from .gpus.simulated import SimulationSpecError
+
+    try:
+        return open_probe(simulate=simulate, gpus=gpus)
+    except (NoDriverError, ScopeError, SimulationSpecError) as exc:
+        _fail(str(exc))
+
+
+def _state_dir(path: str) -> Path:
+    state = Path(path)
+    if state.exists() and not state.is_dir():
+        _fail(f"--state-dir {path} is a file, not a directory")
+    return state
+
+
+def _registry_path(registry: str | None, state_dir: Path | None = None) -> Path:
+    from .registry import default_path
+
+    if registry:
+        return Path(registry)
+    return state_dir / "uni_id.json" if state_dir is not None else default_path()
+
+
+def _uni_id(value: str) -> str:
+    from .registry import check_uni_id
+
+    try:
+        return check_uni_id(value)
+    except ValueError as exc:
+        _fail(str(exc))
+    return value
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gpu-compete")
+def main() -> None:
+    """Queue experiments onto shared GPUs: tasks of one queue run in order, queues run in
+    parallel, each task on a GPU with enough free VRAM.
+
+    \b
+    gpu-compete --commands command.txt          run the queues (same as `run`)
+    gpu-compete check --commands command.txt    parse and show, run nothing
+    gpu-compete status                          what a running daemon is doing
+    gpu-compete gpus --simulate 4x24            what the scheduler sees
+    """
+    _warnings_to_stderr()
+
+
+# --- check -----------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--commands", "commands_file", required=True, type=click.Path(dir_okay=False),
+              help="The command file to check.")
+@click.option("--work-dir", default=".", show_default=True, help="Value of {work_dir} in the expansion.")
+@click.option("--json", "as_json", is_flag=True, help="Print the queues as JSON on stdout.")
+def check(commands_file: str, work_dir: str, as_json: bool) -> None:
+    """Parse a command file and show its queues, uni_ids and expanded commands; run nothing.
+
+    Bad input is reported as FILE:LINE: message, with exit status 2.
+    """
+    from .tasks import GPU_MARKER, group_queues
+
+    parsed = _load_commands(commands_file)
+    work = str(Path(work_dir).resolve())
+    queues = group_queues(parsed.tasks)
+    if as_json:
+        data = {"file": parsed.path, "queues": [
+            {"queue": q, "tasks": [{"uni_id": t.uni_id, "position": t.position, "vram_gb": t.vram_gb, "line": t.line,
+                                    "commands": list(t.commands), "expanded": t.expanded(work)} for t in tasks]}
+            for q, tasks in queues.items()]}
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"{parsed.path}: {len(parsed.tasks)} tasks in {len(queues)} queues "
+               f"({GPU_MARKER} stands for the GPU chosen at launch)")
+    for q, tasks in queues.items():
+        click.echo(f"\nqueue {q} ({len(tasks)} tasks, in order)")
+        for t in tasks:
+            click.echo(f"  {t.position}. {t.uni_id}  vram {t.vram_gb:g} GB  (line {t.line})")
+            for command in t.expanded(work):
+                click.echo(f"       $ {command}")
+
+
+# --- exec and registry -----------------------------------------------------------------------
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--uni-id", "uni_id", required=True, help="The task's id in the registry.")
+@click.option("--registry", type=click.Path(dir_okay=False),
+              help="Registry file [default: $GPU_COMPETE_REGISTRY, else ./script_process/uni_id.json].")
+@click.option("--log", "log_file", type=click.Path(dir_okay=False), help="Also append CMD's output here.")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec(uni_id: str, registry: str | None, log_file: str | None, cmd: tuple[str, ...]) -> None:  # noqa: A001
+    """Run CMD and record it in the registry: running, then normal_exit or abnormal_exit
+    with an error_type (oom, runtime_error, killed, unknown) read from its output.
+
+    SIGINT, SIGTERM and SIGHUP are forwarded to CMD. Exits with CMD's status (128+N when
+    signal N ended it). Use `--` before CMD: gpu-compete exec --uni-id exp1 -- python train.py
+    """
+    from .registry import Registry
+    from .supervisor import run
+
+    uid = _uni_id(uni_id)
+    result = run(list(cmd), uid, Registry(_registry_path(registry)), log_file)
+    sys.exit(result.returncode)
+
+
+@main.group()
+def registry() -> None:
+    """Read and write registry records (for scripts that manage their own processes)."""
+
+
+_REGISTRY_OPT = click.option("--registry", "registry_file", type=click.Path(dir_okay=False),
+                             help="Registry file [default: $GPU_COMPETE_REGISTRY, else ./script_process/uni_id.json].")
+
+
+@registry.command("set")
+@click.argument("uni_id")
+@click.option("--state", required=True, type=click.Choice(["running", "normal_exit", "abnormal_exit"]))
+@click.option("--pid", type=click.IntRange(min=1), help="Process id to record (default: keep the recorded one).")
+@click.option("--error-type", help="Why it failed (with abnormal_exit), e.g. oom.")
+@_REGISTRY_OPT
+def registry_set(uni_id: str, state: str, pid: int | None, error_type: str | None, registry_file: str | None) -> None:
+    """Set a record's state (and pid, error type); its retry_count is kept."""
+    from . import procs
+    from .registry import Registry, RegistryError
+
+    fields: dict[str, Any] = {"state": state}
+    if pid is not None:
+        fields.update(pid=pid, create_time=procs.create_time(pid))
+    if state == "abnormal_exit":
+        fields["error_type"] = error_type or "unknown"
+    else:
+        fields["error_type"] = None
+    try:
+        record = Registry(_registry_path(registry_file)).set(_uni_id(uni_id), **fields)
+    except RegistryError as exc:
+        _fail(str(exc), 1)
+    click.echo(json.dumps({uni_id: record}, indent=2, sort_keys=True))
+
+
+@registry.command("get")
+@click.argument("uni_id")
+@_REGISTRY_OPT
+def registry_get(uni_id: str, registry_file: str | None) -> None:
+    """Print one record as JSON (exit 1 if there is none)."""
+    from .registry import Registry
+
+    record = Registry(_registry_path(registry_file)).get(_uni_id(uni_id))
+    if record is None:
+        _fail(f"no record for {uni_id}", 1)
+    click.echo(json.dumps(record, indent=2, sort_keys=True))
+
+
+@registry.command("rm")
+@click.argument("uni_id")
+@_REGISTRY_OPT
+def registry_rm(uni_id: str, registry_file: str | None) -> None:
+    """Remove one record."""
+    from .registry import Registry, RegistryError
+
+    try:
+        Registry(_registry_path(registry_file)).remove(_uni_id(uni_id))
+    except RegistryError as exc:
+        _fail(str(exc), 1)
+
+
+# --- status, gpus, stop ----------------------------------------------------------------------
+
+@main.command()
+@click.option("--state-dir", default="script_process", show_default=True, envvar="GPU_COMPETE_STATE_DIR",
+              help="The daemon's state directory (holds status.json).")
+@click.option("--registry", "registry_file", type=click.Path(dir_okay=False),
+              help="Registry file [default: STATE_DIR/uni_id.json, or $GPU_COMPETE_REGISTRY].")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON on stdout.")
+def status(state_dir: str, registry_file: str | None, as_json: bool) -> None:
+    """Show a daemon's queues and GPUs (from STATE_DIR/status.json) and every registry record,
+    with whether its pid is alive."""
+    from . import status as status_mod
+    from .daemon import running_daemon
+    from .registry import ENV_VAR, Registry, RegistryError
+
+    state = _state_dir(state_dir)
+    if registry_file is None and os.environ.get(ENV_VAR) and not (state / "uni_id.json").exists():
+        registry_file = os.environ[ENV_VAR]
+    path = _registry_path(registry_file, state)
+    try:
+        records = Registry(path).read()
+    except RegistryError as exc:
+        _fail(str(exc), 1)
+    view: dict[str, Any] = {}
+    try:
+        view = json.loads((state / "status.json").read_text())
+    except (OSError, ValueError):
+        pass
+    daemon = running_daemon(state)
+    view["daemon_running"] = daemon is not None
+    view["registry"] = status_mod.records_view(records)
+    if as_json:
+        click.echo(json.dumps(view, indent=2))
+        return
+    if "totals" in view and not daemon:
+        click.echo(f"(no daemon is running on {state}; last status below)")
+    click.echo(status_mod.render(view))
+
+
+@main.command()
+@click.option("--gpus", "gpu_scope", default="all", show_default=True, envvar="GPU_COMPETE_GPUS",
+              help="all, or a comma list of NVML indices and/or UUIDs.")
+@click.option("--simulate", metavar="SPEC", envvar="GPU_COMPETE_SIMULATE",
+              help="Simulated GPUs instead of NVML: NxGB (4x24), NxGB,delay=S, or a JSON file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the snapshot as JSON on stdout.")
+def gpus(gpu_scope: str, simulate: str | None, as_json: bool) -> None:
+    """Show each GPU as the scheduler sees it: memory, utilization, processes and owners, and
+    whether it is free for you in exclusive mode."""
+    from .gpus import current_user
+    from .policy import build_views, fits
+    from .status import gb, table
+
+    probe = _open_probe(simulate, gpu_scope)
+    try:
+        snaps = probe.snapshot()
+    finally:
+        probe.close()
+    user = current_user()
+    free_for_me = {v.index: fits(v, 0, True) for v in build_views(snaps, [], user)}
+    if as_json:
+        click.echo(json.dumps({"user": user, "gpus": [dict(s.to_dict(), free_for_me_exclusive=free_for_me[s.index])
+                                                      for s in snaps]}, indent=2))
+        return
+    rows = []
+    for s in snaps:
+        util = "?" if s.utilization is None else f"{s.utilization}%"
+        ps = " ".join(f"{p.pid}:{p.user}:{gb(p.used_bytes)}GB" for p in s.processes) or None
+        rows.append([s.index, s.name if s.available else f"UNAVAILABLE ({s.error})",
+                     f"{gb(s.free_bytes)}/{gb(s.total_bytes)}", util, ps, "yes" if free_for_me[s.index] else "no"])
+    click.echo("\n".join(table(["GPU", "NAME", "FREE/TOTAL GB", "UTIL", "PROCESSES (pid:user:GB)",
+                                 f"FREE FOR {user} (exclusive)"], rows)))
+
+
+@main.command()
+@click.option("--state-dir", default="script_process", show_default=True, envvar="GPU_COMPETE_STATE_DIR")
+@click.option("--kill", is_flag=True, help="Also end the running tasks (SIGTERM, then SIGKILL after 10 s).")
+def stop(state_dir: str, kill: bool) -> None:
+    """Ask the daemon on STATE_DIR to drain (start nothing new, wait for running tasks), or
+    with --kill to end its tasks' process groups so that a restart runs them again."""
+    from .daemon import running_daemon
+
+    state = _state_dir(state_dir)
+    info = running_daemon(state)
+    if info is None:
+        _fail(f"no gpu-compete daemon is running on {state}", 1)
+    os.kill(info["pid"], signal.SIGUSR2 if kill else signal.SIGTERM)
+    click.echo(f"asked daemon {info['pid']} to {'end its tasks and stop' if kill else 'drain and stop'}")
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+def _env(name: str) -> str:
+    return f"GPU_COMPETE_{name}"
+
+
+@main.command()
+@click.option("--commands", "commands_file", required=True, envvar=_env("COMMANDS"), type=click.Path(dir_okay=False),
+              help="The command file.")
+@click.option("--work-dir", default=".", envvar=_env("WORK_DIR"), type=click.Path(file_okay=False),
+              help="Working directory of tasks, and {work_dir}. [default: current directory]")
+@click.option("--gpus", "gpu_scope", default="all", show_default=True, envvar=_env("GPUS"),
+              help="all, or a comma list of NVML indices and/or UUIDs.")
+@click.option("--exclusive/--shared", default=True, show_default=True, envvar=_env("EXCLUSIVE"),
+              help="Exclusive: one task per GPU, and none on a GPU where you already run something.")
+@click.option("--state-dir", default="script_process", show_default=True, envvar=_env("STATE_DIR"))
+@click.option("--registry", "registry_file", envvar=_env("REGISTRY"), type=click.Path(dir_okay=False),
+              help="Registry file. [default: STATE_DIR/uni_id.json]")
+@click.option("--poll", default=5.0, type=SECONDS, show_default=True, envvar=_env("POLL"),
+              help="Seconds between rounds (a task's exit starts one at once).")
+@click.option("--settle", default=30.0, type=SECONDS, show_default=True, envvar=_env("SETTLE"),
+              help="Longest a new launch holds its GPU before it shows up in NVML.")
+@click.option("--retry-burst", default=3, type=click.IntRange(min=1), show_default=True, envvar=_env("RETRY_BURST"),
+              help="Failures in a row before a backoff.")
+@click.option("--backoff", default=600.0, type=SECONDS, show_default=True, envvar=_env("BACKOFF"),
+              help="Seconds to wait after every --retry-burst failures.")
+@click.option("--max-retries", type=click.IntRange(min=0), envvar=_env("MAX_RETRIES"),
+              help="Give up on a task after this many retries. [default: never]")
+@click.option("--status-every", default=60.0, type=SECONDS, show_default=True, envvar=_env("STATUS_EVERY"),
+              help="Print status every S seconds (0 = only on SIGUSR1).")
+@click.option("--seed", type=int, envvar=_env("SEED"), help="Seed of the shuffle, for a reproducible order.")
+@click.option("--pick", type=click.Choice(["longest", "random"]), default="longest", show_default=True,
+              envvar=_env("PICK"), help="Order of idle queue heads: longest queues first, or pure shuffle.")
+@click.option("--dry-run", is_flag=True, envvar=_env("DRY_RUN"), help="Show what would run where; launch nothing.")
+@click.option("--simulate", metavar="SPEC", envvar=_env("SIMULATE"),
+              help="Simulated GPUs: NxGB (4x24), NxGB,delay=S, or a JSON file.")
+@click.option("--fresh", is_flag=True, envvar=_env("FRESH"), help="Ignore the history: run completed tasks again.")
+@click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto", show_default=True,
+              envvar=_env("LOG_FORMAT"), help="Logs go to stderr: readable, or one JSON object a line.")
+def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, state_dir: str,
+        registry_file: str | None, poll: float, settle: float, retry_burst: int, backoff: float,
+        max_retries: int | None, status_every: float, seed: int | None, pick: str, dry_run: bool,
+        simulate: str | None, fresh: bool, log_format: str) -> None:
+    """Run the command file's queues until every task has completed (or failed for good).
+
+    Exit status: 0 all completed, 1 some failed for good, 2 bad input, 130 stopped first.
+    SIGINT/SIGTERM drain (a second one ends the tasks); SIGUSR1 prints status.
+    """
+    from .daemon import Config, Daemon, DaemonError
+    from .logs import configure
+    from .policy import RetryPolicy
+
+    configure(log_format)
+    if poll <= 0:
+        _fail("--poll must be more than 0 seconds")
+    parsed = _load_commands(commands_file)
+    work = Path(work_dir).resolve()
+    if not work.is_dir():
+        _fail(f"--work-dir {work_dir} is not a directory")
+    state = _state_dir(state_dir).resolve()
+    config = Config(work_dir=work, state_dir=state, registry=_registry_path(registry_file, state).resolve(),
+                    exclusive=exclusive, poll=poll, settle=settle,
+                    retry=RetryPolicy(retry_burst, backoff, max_retries), status_every=status_every,
+                    seed=seed, pick=pick, fresh=fresh)
+    probe = _open_probe(simulate, gpu_scope)
+    try:
+        daemon = Daemon(config, parsed.tasks, probe)
+        if dry_run:
+            click.echo(daemon.dry_run())
+            return
+        try:
+            daemon.acquire()
+        except DaemonError as exc:
+            _fail(str(exc))
+        try:
+            daemon.resume()
+            code = daemon.run()
+        finally:
+            daemon.release()
+    finally:
+        probe.close()
+    sys.exit(code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

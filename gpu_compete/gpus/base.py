@@ -1,0 +1,131 @@
+"""Values every probe returns, and the helpers around them.
+
+A probe hands the scheduler frozen values, never NVML handles, and never raises into it: a
+GPU that fails is a snapshot with `available=False` and an `error`.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import psutil
+
+UNKNOWN_USER = "unknown"
+
+
+class NoDriverError(Exception):
+    """No NVIDIA driver or NVML library on this machine."""
+
+
+class ScopeError(Exception):
+    """`--gpus` or CUDA_VISIBLE_DEVICES names a GPU that does not exist."""
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    pid: int
+    used_bytes: int | None  # None: the driver does not say (not the same as 0)
+    user: str = UNKNOWN_USER  # owner's user name; "unknown" when the pid is not visible here
+
+
+@dataclass(frozen=True)
+class GpuSnapshot:
+    index: int
+    uuid: str
+    name: str
+    total_bytes: int | None
+    used_bytes: int | None
+    free_bytes: int | None
+    utilization: int | None = None  # percent, None where unsupported
+    processes: tuple[GpuProcess, ...] = ()
+    available: bool = True
+    error: str | None = None
+
+    def user_processes(self, user: str) -> tuple[GpuProcess, ...]:
+        return tuple(p for p in self.processes if p.user == user)
+
+    def to_dict(self) -> dict:
+        return {
+            "index": self.index, "uuid": self.uuid, "name": self.name,
+            "total_bytes": self.total_bytes, "used_bytes": self.used_bytes, "free_bytes": self.free_bytes,
+            "utilization": self.utilization, "available": self.available, "error": self.error,
+            "processes": [{"pid": p.pid, "used_bytes": p.used_bytes, "user": p.user} for p in self.processes],
+        }
+
+
+class GpuProbe(Protocol):
+    def snapshot(self) -> list[GpuSnapshot]:
+        """One reading of every GPU in scope; never raises."""
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class GpuIdentity:
+    index: int
+    uuid: str = ""
+
+
+def current_user() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # pragma: no cover - uid without a passwd entry (some containers)
+        return str(os.getuid())
+
+
+def owner_of(pid: int) -> str:
+    """User name owning `pid`, or "unknown" if it is not visible here (another pid namespace)."""
+    try:
+        return psutil.Process(pid).username()
+    except (psutil.Error, KeyError, ValueError):
+        return UNKNOWN_USER
+
+
+def gpu_env(index: int) -> dict[str, str]:
+    """Environment that pins a task to NVML GPU `index`: with PCI bus order, CUDA's numbering
+    agrees with NVML's, so the index means the same GPU to both."""
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": str(index)}
+
+
+def resolve_scope(spec: str | None, gpus: Sequence[GpuIdentity], environ: dict[str, str] | None = None) -> list[int]:
+    """NVML indices in scope. `spec` is "all" (or None) or a comma list of indices and UUIDs.
+
+    With "all", a CUDA_VISIBLE_DEVICES of our own narrows the default scope to those GPUs
+    (indices read in PCI bus order, or UUIDs / UUID prefixes as CUDA accepts them).
+    """
+    environ = os.environ if environ is None else environ
+    known = {g.index for g in gpus}
+    if spec is None or spec.strip().lower() == "all":
+        visible = environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is None:
+            return sorted(known)
+        if not visible.strip():
+            raise ScopeError("CUDA_VISIBLE_DEVICES is empty, so no GPU is in scope; unset it or pass --gpus")
+        return _pick(visible, gpus, "CUDA_VISIBLE_DEVICES")
+    return _pick(spec, gpus, "--gpus")
+
+
+def _pick(spec: str, gpus: Sequence[GpuIdentity], source: str) -> list[int]:
+    chosen: list[int] = []
+    by_index = {g.index: g for g in gpus}
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            raise ScopeError(f"{source}: empty entry in {spec!r}")
+        if item.lstrip("-").isdigit():
+            index = int(item)
+            if index not in by_index:
+                raise ScopeError(f"{source}: there is no GPU {index} (GPUs here: "
+                                 f"{', '.join(str(i) for i in sorted(by_index)) or 'none'})")
+        else:
+            matches = [g.index for g in gpus if g.uuid and (g.uuid == item or g.uuid.startswith(item))]
+            if len(matches) != 1:
+                what = "no GPU has" if not matches else "several GPUs match"
+                raise ScopeError(f"{source}: {what} the UUID {item!r}")
+            index = matches[0]
+        if index not in chosen:
+            chosen.append(index)
+    return sorted(chosen)
+

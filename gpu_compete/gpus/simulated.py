@@ -1,0 +1,197 @@
+"""Simulated GPUs, for trying gpu-compete without a GPU and for testing the daemon end to end.
+
+A real process counts as running on simulated GPU N when its environment has
+`CUDA_VISIBLE_DEVICES=N` and `GPU_COMPETE_VRAM_GB=X`: it then uses X GB there. Only the
+topmost such process of a tree counts (a shell and its child are one task), and only once
+it has lived `startup_delay_s` (a CUDA context takes a while to appear in NVML).
+
+Specs: `4x24` (4 GPUs of 24 GB), `4x24,delay=2` (with a 2 s start-up delay), or a JSON file
+re-read whenever it changes, so faults can be injected into a running daemon:
+
+    {"startup_delay_s": 2,
+     "gpus": [{"memory_gb": 24, "name": "Sim A100",
+               "processes": [{"pid": 4242, "memory_gb": 5, "user": "alice"}],
+               "lost": false, "fail": null}]}
+
+`lost: true` makes the GPU unavailable (like NVML's GpuIsLost); `fail: "processes"` makes its
+process list fail, `fail: "memory"` its memory reading (like NotSupported).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+from ..tasks import GIB
+from .base import GpuIdentity, GpuProcess, GpuSnapshot, current_user, owner_of, resolve_scope
+
+VRAM_ENV = "GPU_COMPETE_VRAM_GB"
+_SHORT_SPEC = re.compile(r"^(?P<n>\d+)x(?P<gb>\d+(?:\.\d+)?)(?:,delay=(?P<delay>\d+(?:\.\d+)?))?$")
+
+
+class SimulationSpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SimGpu:
+    memory_gb: float
+    name: str = "Simulated GPU"
+    processes: tuple[tuple[int, float, str | None], ...] = ()  # (pid, GB, user or None)
+    lost: bool = False
+    fail: str | None = None
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    gpus: tuple[SimGpu, ...]
+    startup_delay_s: float = 0.0
+
+
+def parse_spec(spec: str) -> SimConfig:
+    """`NxGB[,delay=S]` or the path of a JSON file."""
+    match = _SHORT_SPEC.match(spec.strip())
+    if match:
+        count, gb = int(match["n"]), float(match["gb"])
+        if not 1 <= count <= 64 or gb <= 0:
+            raise SimulationSpecError(f"--simulate {spec!r}: want 1-64 GPUs of more than 0 GB")
+        return SimConfig(tuple(SimGpu(gb) for _ in range(count)), float(match["delay"] or 0))
+    path = Path(spec)
+    if not path.exists():
+        raise SimulationSpecError(f"--simulate {spec!r}: neither NxGB (e.g. 4x24) nor an existing JSON file")
+    return _parse_json(path)
+
+
+def _parse_json(path: Path) -> SimConfig:
+    try:
+        obj = json.loads(path.read_text())
+        gpus = tuple(_sim_gpu(g) for g in obj["gpus"])
+        delay = float(obj.get("startup_delay_s", 0))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SimulationSpecError(f"{path}: not a simulation file ({exc}); see `gpu-compete gpus --help`") from None
+    if not gpus:
+        raise SimulationSpecError(f"{path}: \"gpus\" is empty")
+    return SimConfig(gpus, delay)
+
+
+def _sim_gpu(obj: dict[str, Any]) -> SimGpu:
+    procs = tuple((int(p["pid"]), float(p.get("memory_gb", 0)), p.get("user")) for p in obj.get("processes", ()))
+    fail = obj.get("fail")
+    if fail not in (None, "processes", "memory"):
+        raise ValueError(f"fail must be \"processes\" or \"memory\", not {fail!r}")
+    return SimGpu(float(obj["memory_gb"]), str(obj.get("name", "Simulated GPU")), procs, bool(obj.get("lost")), fail)
+
+
+def sim_uuid(index: int) -> str:
+    return f"GPU-5105{index:04d}-0000-4000-8000-{index:012d}"
+
+
+class SimulatedProbe:
+    def __init__(self, config: SimConfig, scope: str | None = "all", environ: dict[str, str] | None = None,
+                 source: Path | None = None, clock: Callable[[], float] = time.time):
+        self.config = config
+        self.source = source
+        self._mtime = source.stat().st_mtime_ns if source else None
+        self._clock = clock
+        self.user = current_user()
+        identities = [GpuIdentity(i, sim_uuid(i)) for i in range(len(config.gpus))]
+        self.indices = resolve_scope(scope, identities, environ)
+        # (pid, create_time) -> (gpu index, bytes) or None; a process's initial environment
+        # never changes, so each process is read once.
+        self._seen: dict[tuple[int, float], tuple[int, int] | None] = {}
+
+    @classmethod
+    def from_spec(cls, spec: str, scope: str | None = "all", environ: dict[str, str] | None = None) -> "SimulatedProbe":
+        config = parse_spec(spec)
+        source = None if _SHORT_SPEC.match(spec.strip()) else Path(spec)
+        return cls(config, scope=scope, environ=environ, source=source)
+
+    def _reload(self) -> None:
+        if self.source is None:
+            return
+        try:
+            mtime = self.source.stat().st_mtime_ns
+            if mtime != self._mtime:
+                self.config = _parse_json(self.source)
+                self._mtime = mtime
+        except (OSError, SimulationSpecError):
+            pass  # a file caught mid-write: keep the last good config, read it again next round
+
+    def _task_processes(self) -> dict[int, list[tuple[int, int]]]:
+        """Real processes on each simulated GPU: {index: [(pid, bytes)]}."""
+        now = self._clock()
+        found: dict[int, dict[int, tuple[int, int]]] = {}  # gpu -> pid -> (ppid, bytes)
+        alive = set()
+        for proc in psutil.process_iter(["pid", "ppid", "create_time", "uids", "status"]):
+            info = proc.info
+            if info["uids"] is None or info["uids"].real != os.getuid() or info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            key = (info["pid"], info["create_time"])
+            alive.add(key)
+            if key not in self._seen:
+                self._seen[key] = _claim(proc)
+            claim = self._seen[key]
+            if claim is None or now - info["create_time"] < self.config.startup_delay_s:
+                continue
+            found.setdefault(claim[0], {})[info["pid"]] = (info["ppid"], claim[1])
+        self._seen = {k: v for k, v in self._seen.items() if k in alive}
+        # Topmost of each tree only: drop a process whose parent is on the same GPU.
+        return {gpu: [(pid, b) for pid, (ppid, b) in procs.items() if ppid not in procs]
+                for gpu, procs in found.items()}
+
+    def snapshot(self) -> list[GpuSnapshot]:
+        self._reload()
+        try:
+            tasks = self._task_processes()
+        except psutil.Error:  # pragma: no cover - /proc unreadable
+            tasks = {}
+        out = []
+        for index in self.indices:
+            if index >= len(self.config.gpus):
+                out.append(GpuSnapshot(index, sim_uuid(index), "missing", None, None, None, available=False,
+                                       error="GPU is lost (simulated)"))
+                continue
+            gpu = self.config.gpus[index]
+            if gpu.lost:
+                out.append(GpuSnapshot(index, sim_uuid(index), gpu.name, None, None, None, available=False,
+                                       error="GPU is lost (simulated)"))
+                continue
+            procs = [GpuProcess(pid, int(gb * GIB), user or owner_of(pid)) for pid, gb, user in gpu.processes]
+            procs += [GpuProcess(pid, used, self.user) for pid, used in tasks.get(index, [])]
+            total = int(gpu.memory_gb * GIB)
+            used = min(total, sum(p.used_bytes or 0 for p in procs))
+            error = None
+            if gpu.fail == "processes":
+                procs, error = [], "process list unavailable (simulated)"
+            if gpu.fail == "memory":
+                out.append(GpuSnapshot(index, sim_uuid(index), gpu.name, None, None, None, None, tuple(procs)))
+                continue
+            util = min(100, 100 * len(procs)) if procs else 0
+            out.append(GpuSnapshot(index, sim_uuid(index), gpu.name, total, used, total - used, util,
+                                   tuple(procs), error=error))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def _claim(proc: psutil.Process) -> tuple[int, int] | None:
+    """(gpu index, bytes) when the process's environment puts it on a simulated GPU."""
+    try:
+        env = proc.environ()
+    except (psutil.Error, OSError):
+        return None
+    gb, visible = env.get(VRAM_ENV), env.get("CUDA_VISIBLE_DEVICES", "")
+    if gb is None or not visible.isdigit():
+        return None
+    try:
+        return int(visible), int(float(gb) * GIB)
+    except ValueError:
+        return None

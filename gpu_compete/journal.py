@@ -1,0 +1,70 @@
+"""`history.jsonl`: one JSON object a line, appended, never rewritten.
+
+Each line is written with a single `write` on an `O_APPEND` descriptor and fsynced, so lines
+from several supervisors never interleave and a success, once written, survives a crash.
+A torn last line (power cut mid-write) is skipped when read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def append(path: str | os.PathLike[str], entry: dict[str, Any]) -> None:
+    line = (json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n").encode()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def entries(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    try:
+        with open(path, "rb") as fh:
+            for raw in fh:
+                try:
+                    entry = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(entry, dict):
+                    yield entry
+    except FileNotFoundError:
+        return
+
+
+def completed(path: str | os.PathLike[str]) -> set[str]:
+    """uni_ids that have ended with normal_exit at least once."""
+    return {e["uni_id"] for e in entries(path) if e.get("state") == "normal_exit" and isinstance(e.get("uni_id"), str)}
+
+
+class Tail:
+    """Reads the lines appended since the last call (the daemon's view of new successes)."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.offset = 0
+
+    def new_entries(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1  # leave a line still being written for next time
+        self.offset += end
+        out = []
+        for raw in data[:end].splitlines():
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(entry, dict):
+                out.append(entry)
+        return out

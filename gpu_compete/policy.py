@@ -1,0 +1,191 @@
+"""Pure scheduling decisions: which task goes to which GPU this round, and what a failure costs.
+
+Everything here is a function of values passed in (queues, GPU views, `now`, an RNG); no
+clock, no IO, no randomness of its own, so it is tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from .gpus.base import GpuSnapshot
+from .tasks import Task, TaskState
+
+PICKS = ("longest", "random")
+
+
+# --- queues ----------------------------------------------------------------------------------
+
+def head(queue: Sequence[Task]) -> Task | None:
+    """The task a queue is on: its first one not completed (None when all are)."""
+    return next((t for t in queue if t.state is not TaskState.COMPLETED), None)
+
+
+def queue_status(queue: Sequence[Task]) -> str:
+    """DONE, BLOCKED (its head failed for good), BUSY (running, or waiting for a retry), IDLE."""
+    task = head(queue)
+    if task is None:
+        return "DONE"
+    if task.state is TaskState.FAILED:
+        return "BLOCKED"
+    return "IDLE" if task.state is TaskState.PENDING else "BUSY"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    uni_id: str
+    queue: str
+    vram_bytes: int
+    remaining: int  # tasks not yet completed in its queue, this one included
+
+
+def candidates(queues: dict[str, Sequence[Task]], now: float) -> list[Candidate]:
+    """Heads that may start now: pending ones, and failed ones whose retry time has come."""
+    out = []
+    for name, queue in queues.items():
+        task = head(queue)
+        if task is None:
+            continue
+        due = task.state is TaskState.PENDING or (task.state is TaskState.RETRY and task.retry_at <= now)
+        if due:
+            remaining = sum(1 for t in queue if t.state is not TaskState.COMPLETED)
+            out.append(Candidate(task.uni_id, name, task.spec.vram_bytes, remaining))
+    return out
+
+
+# --- GPUs ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GpuView:
+    """What the planner needs of one GPU this round."""
+
+    index: int
+    free_bytes: int | None  # NVML's free memory less what unconfirmed launches still hold
+    available: bool = True
+    user_busy: bool = False  # a process of the current user is on it (as NVML shows it now)
+    leased: bool = False  # a launch here has not shown up in NVML yet
+    own_tasks: int = 0  # tasks of this daemon running here
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A task of ours that is on a GPU, as the planner sees it."""
+
+    gpu: int
+    vram_bytes: int
+    leased: bool  # launched, not yet visible in NVML, and --settle has not passed
+
+
+def lease_active(task: Task, now: float, settle: float) -> bool:
+    return (task.state is TaskState.RUNNING and not task.confirmed and task.launched_at is not None
+            and now - task.launched_at < settle)
+
+
+def build_views(snapshots: Iterable[GpuSnapshot], placements: Iterable[Placement], user: str) -> list[GpuView]:
+    """GPU views from a snapshot and our own tasks' placements.
+
+    A leased launch's VRAM is subtracted from free memory because NVML can't see it yet; once
+    its process shows up in NVML (or --settle passes) it is not subtracted again.
+    """
+    placements = list(placements)
+    views = []
+    for snap in snapshots:
+        here = [p for p in placements if p.gpu == snap.index]
+        held = sum(p.vram_bytes for p in here if p.leased)
+        free = None if snap.free_bytes is None else snap.free_bytes - held
+        views.append(GpuView(snap.index, free, snap.available, bool(snap.user_processes(user)),
+                             any(p.leased for p in here), len(here)))
+    return views
+
+
+def fits(gpu: GpuView, vram_bytes: int, exclusive: bool) -> bool:
+    if not gpu.available:
+        return False
+    if exclusive and (gpu.user_busy or gpu.leased or gpu.own_tasks):
+        return False
+    if gpu.free_bytes is None:  # memory unknown: only a task that needs none can go there
+        return vram_bytes == 0
+    return gpu.free_bytes >= vram_bytes
+
+
+def choose_gpu(vram_bytes: int, gpus: Sequence[GpuView], exclusive: bool) -> GpuView | None:
+    """Among GPUs that fit: exclusive mode takes the one with the least free memory that still
+    fits (best fit), keeping roomy GPUs for tasks that need them; shared mode takes the one with
+    the most free memory, spreading tasks so they contend less and have room to grow.
+    Ties go to the lowest index, so a plan is reproducible."""
+    fitting = [g for g in gpus if fits(g, vram_bytes, exclusive)]
+    if not fitting:
+        return None
+    if exclusive:
+        return min(fitting, key=lambda g: (math.inf if g.free_bytes is None else g.free_bytes, g.index))
+    return min(fitting, key=lambda g: (-(g.free_bytes or 0), g.index))
+
+
+def order(cands: Sequence[Candidate], rng: random.Random, pick: str = "longest") -> list[Candidate]:
+    """Shuffle; with `longest`, then a stable sort by tasks remaining, most first, so equal
+    queues stay in random order but long queues never wait at the end of a batch."""
+    if pick not in PICKS:
+        raise ValueError(f"pick must be one of {PICKS}, not {pick!r}")
+    shuffled = list(cands)
+    rng.shuffle(shuffled)
+    if pick == "longest":
+        shuffled.sort(key=lambda c: -c.remaining)
+    return shuffled
+
+
+@dataclass(frozen=True)
+class Launch:
+    uni_id: str
+    queue: str
+    gpu: int
+
+
+def plan_round(cands: Sequence[Candidate], gpus: Sequence[GpuView], rng: random.Random,
+               exclusive: bool = True, pick: str = "longest") -> list[Launch]:
+    """Assign candidates one at a time; each assignment updates the view the next one sees."""
+    views = {g.index: g for g in gpus}
+    launches = []
+    for cand in order(cands, rng, pick):
+        gpu = choose_gpu(cand.vram_bytes, list(views.values()), exclusive)
+        if gpu is None:
+            continue
+        free = None if gpu.free_bytes is None else gpu.free_bytes - cand.vram_bytes
+        views[gpu.index] = GpuView(gpu.index, free, gpu.available, gpu.user_busy, True, gpu.own_tasks + 1)
+        launches.append(Launch(cand.uni_id, cand.queue, gpu.index))
+    return launches
+
+
+# --- failures --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RetryDecision:
+    retry_count: int  # failures so far, this one included
+    action: str  # "retry" (next round), "backoff" (at `at`), "give_up"
+    at: float
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    burst: int = 3  # failures in a row before a backoff
+    backoff_s: float = 600.0
+    max_retries: int | None = None  # None: never give up
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.burst, int) or self.burst < 1:
+            raise ValueError("retry burst must be an integer of at least 1")
+        if not (isinstance(self.backoff_s, (int, float)) and math.isfinite(self.backoff_s) and self.backoff_s >= 0):
+            raise ValueError("backoff must be a finite number of seconds, 0 or more")
+        if self.max_retries is not None and (not isinstance(self.max_retries, int) or self.max_retries < 0):
+            raise ValueError("max retries must be an integer of at least 0")
+
+    def after_failure(self, retry_count: int, now: float) -> RetryDecision:
+        """`retry_count` is the count before this failure."""
+        count = retry_count + 1
+        if self.max_retries is not None and count > self.max_retries:
+            return RetryDecision(count, "give_up", now)
+        if count % self.burst == 0:
+            return RetryDecision(count, "backoff", now + self.backoff_s)
+        return RetryDecision(count, "retry", now)

@@ -1,0 +1,134 @@
+"""Status as data (`build`, the content of `status.json`) and as text (`render`).
+
+`render` is a pure function of the view, so the daemon's periodic print, SIGUSR1 and
+`gpu-compete status` from another terminal all show the same thing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import procs
+from .policy import head, lease_active, queue_status
+from .tasks import GIB, TaskState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .daemon import Daemon
+
+
+def records_view(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Registry records with whether their pid is alive (dead, or reused by another process)."""
+    rows = []
+    for uid, record in sorted(records.items()):
+        state = record.get("state")
+        alive = procs.liveness(record.get("pid"), record.get("create_time")) if state == "running" else "-"
+        rows.append({"uni_id": uid, "state": state, "pid": record.get("pid"), "retry_count": record.get("retry_count"),
+                     "error_type": record.get("error_type"), "alive": alive, "gpu": record.get("gpu"),
+                     "retry_at": record.get("retry_at")})
+    return rows
+
+
+def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    totals = dict.fromkeys(("pending", "running", "retrying", "backing_off", "completed", "failed", "blocked"), 0)
+    queues = []
+    for name, queue in daemon.queues.items():
+        qstatus = queue_status(queue)
+        for task in queue:
+            if task.state is TaskState.PENDING:
+                totals["blocked" if qstatus == "BLOCKED" else "pending"] += 1
+            elif task.state is TaskState.RETRY:
+                totals["backing_off" if task.retry_at > now + 1e-9 else "retrying"] += 1
+            else:
+                totals[task.state.value] += 1
+        current = head(queue)
+        queues.append({
+            "queue": name, "status": qstatus, "done": sum(t.state is TaskState.COMPLETED for t in queue),
+            "total": len(queue), "current": current.uni_id if current else None,
+            "current_state": current.state.value if current else None,
+            "gpu": current.gpu if current and current.state is TaskState.RUNNING else None,
+            "retry_in_s": round(current.retry_at - now, 1) if current and current.state is TaskState.RETRY else None,
+        })
+    running = [t for t in daemon.tasks.values() if t.state is TaskState.RUNNING]
+    gpus = []
+    for snap in daemon.snapshots:
+        here = [t for t in running if t.gpu == snap.index]
+        gpus.append({
+            "index": snap.index, "name": snap.name, "available": snap.available, "error": snap.error,
+            "free_bytes": snap.free_bytes, "total_bytes": snap.total_bytes,
+            "user_pids": [p.pid for p in snap.user_processes(daemon.user)],
+            "running": [t.uni_id for t in here],
+            "leased": [t.uni_id for t in here if lease_active(t, now, daemon.config.settle)],
+        })
+    return {
+        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(daemon.wall())),
+        "daemon": {"pid": os.getpid(), "draining": daemon.draining,
+                   "mode": "exclusive" if daemon.config.exclusive else "shared"},
+        "totals": totals, "queues": queues, "gpus": gpus, "registry": records_view(records),
+    }
+
+
+def write_json(path: Path, view: dict[str, Any]) -> None:
+    """Atomically, so `gpu-compete status` never reads half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".status.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(view, fh, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def gb(value: Any) -> str:
+    return "?" if not isinstance(value, (int, float)) else f"{value / GIB:.1f}"
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    cells = [[("-" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*headers).rstrip()] + [fmt.format(*r).rstrip() for r in cells]
+
+
+def render_records(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "registry: no records"
+    lines = [f"registry ({len(rows)} records)"]
+    lines += table(["UNI_ID", "STATE", "PID", "ALIVE", "RETRIES", "ERROR", "GPU"],
+                    [[r["uni_id"], r["state"], r["pid"], r["alive"], r["retry_count"], r["error_type"], r["gpu"]]
+                     for r in rows])
+    return "\n".join(lines)
+
+
+def render(view: dict[str, Any]) -> str:
+    lines = []
+    if "totals" in view:
+        t = view["totals"]
+        daemon = view.get("daemon", {})
+        lines.append(f"gpu-compete status at {view.get('updated_at', '?')} ({daemon.get('mode', '?')} mode"
+                     f"{', draining' if daemon.get('draining') else ''})")
+        lines.append(f"tasks: {t['pending']} pending, {t['running']} running, {t['retrying']} retrying, "
+                     f"{t['backing_off']} backing off, {t['completed']} completed, {t['failed']} failed, "
+                     f"{t['blocked']} blocked")
+        lines.append("")
+        lines += table(["QUEUE", "STATUS", "DONE", "CURRENT", "STATE", "GPU"],
+                        [[q["queue"], q["status"], f"{q['done']}/{q['total']}", q["current"],
+                          q["current_state"] + (f" ({q['retry_in_s']}s)" if q.get("retry_in_s") else "")
+                          if q["current_state"] else None, q["gpu"]] for q in view["queues"]])
+        lines.append("")
+        lines += table(["GPU", "NAME", "FREE/TOTAL GB", "MY PIDS", "LEASED", "RUNNING"],
+                        [[g["index"], g["name"] if g["available"] else f"UNAVAILABLE: {g['error']}",
+                          f"{gb(g['free_bytes'])}/{gb(g['total_bytes'])}",
+                          ",".join(map(str, g["user_pids"])) or None, ",".join(g["leased"]) or None,
+                          ",".join(g["running"]) or None] for g in view["gpus"]])
+        lines.append("")
+    lines.append(render_records(view.get("registry", [])))
+    return "\n".join(lines)

@@ -1,0 +1,211 @@
+"""The small supervisor behind `gpu-compete exec`, and under every task the daemon starts.
+
+It starts CMD in a process group of its own, records `{pid, state: running}` in the
+registry, forwards SIGINT/SIGTERM/SIGHUP to CMD's group, copies CMD's output to the
+terminal (and a log), and when CMD ends writes the final state itself. Because the final
+state is written here and not by the daemon, a task keeps its outcome even while no daemon
+runs (a daemon restarted later adopts it and reads what was written).
+
+Imports are kept light: a task's start-up pays for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from . import journal, procs
+from .classify import classify, killed_by
+from .registry import Registry, RegistryError
+
+TAIL_BYTES = 64 * 1024
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@dataclass
+class ExecResult:
+    returncode: int  # CMD's status as a shell would give it: 128+N for signal N
+    state: str
+    error_type: str | None
+
+
+@dataclass
+class _Tail:
+    """The last TAIL_BYTES of CMD's output, for the failure classifier."""
+
+    chunks: deque[bytes] = field(default_factory=deque)
+    size: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, data: bytes) -> None:
+        with self.lock:
+            self.chunks.append(data)
+            self.size += len(data)
+            while self.size > TAIL_BYTES and len(self.chunks) > 1:
+                self.size -= len(self.chunks.popleft())
+
+    def text(self) -> str:
+        with self.lock:
+            return b"".join(self.chunks)[-TAIL_BYTES:].decode("utf-8", "replace")
+
+
+def _set_death_signal() -> None:
+    """In CMD's child before exec: own process group, and SIGKILL if the supervisor dies,
+    so a killed supervisor cannot leave an unrecorded task running."""
+    os.setpgid(0, 0)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
+def _pump(src: IO[bytes], sinks: list[IO[bytes]], tail: _Tail, lock: threading.Lock) -> None:
+    for data in iter(lambda: src.read1(65536), b""):  # type: ignore[attr-defined]
+        tail.add(data)
+        with lock:
+            for sink in list(sinks):
+                try:
+                    sink.write(data)
+                    sink.flush()
+                except (OSError, ValueError):
+                    sinks.remove(sink)  # a closed terminal must not stop the task
+    src.close()
+
+
+def _warn(message: str) -> None:
+    try:
+        sys.stderr.write(f"gpu-compete exec: {message}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _record(registry: Registry | None, uni_id: str, **fields: Any) -> None:
+    """Write to the registry; a failing disk is reported but never stops or kills the task."""
+    if registry is None:
+        return
+    for attempt in range(3):
+        try:
+            registry.set(uni_id, **fields)
+            return
+        except RegistryError as exc:
+            if attempt == 2:
+                _warn(f"could not record {fields.get('state', 'state')} for {uni_id}: {exc}")
+            else:
+                time.sleep(0.2)
+
+
+def run(cmd: list[str], uni_id: str, registry: Registry | None, log_path: str | None = None,
+        quiet: bool = False, history: str | None = None, meta: dict[str, Any] | None = None,
+        title: str | None = None) -> ExecResult:
+    log: IO[bytes] | None = None
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        log = open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab", buffering=0)
+        what = title or " ".join(cmd)
+        log.write(f"==== {_now()} start {uni_id} (supervisor {os.getpid()}): {what}\n".encode())
+    started = time.time()
+    try:
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_set_death_signal)
+    except OSError as exc:
+        _warn(f"cannot start {cmd[0]!r}: {exc.strerror or exc}")
+        if log:
+            log.write(f"==== {_now()} could not start: {exc}\n".encode())
+        _record(registry, uni_id, state="abnormal_exit", error_type="unknown", exit_status=127)
+        return ExecResult(127, "abnormal_exit", "unknown")
+
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            os.killpg(child.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    _record(registry, uni_id, pid=child.pid, create_time=procs.create_time(child.pid), pgid=child.pid,
+            state="running", exec_pid=os.getpid(), started_at=_now(), error_type=None, exit_status=None)
+
+    tail, lock = _Tail(), threading.Lock()
+    out_sinks: list[IO[bytes]] = [] if quiet else [sys.stdout.buffer]
+    err_sinks: list[IO[bytes]] = [] if quiet else [sys.stderr.buffer]
+    if log:
+        out_sinks.append(log)
+        err_sinks.append(log)
+    pumps = [threading.Thread(target=_pump, args=(child.stdout, out_sinks, tail, lock), daemon=True),
+             threading.Thread(target=_pump, args=(child.stderr, err_sinks, tail, lock), daemon=True)]
+    for pump in pumps:
+        pump.start()
+    while True:
+        try:
+            raw = child.wait()
+            break
+        except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+            continue
+    for pump in pumps:
+        pump.join(timeout=5)
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+    returncode = 128 - raw if raw < 0 else raw
+    # A wrapped script may have said how it ended while it ran; its word wins.
+    said = registry.get(uni_id) if registry else None
+    said_final = said is not None and said.get("state") in ("normal_exit", "abnormal_exit")
+    if said_final:
+        state, error_type = said["state"], said.get("error_type") if said["state"] == "abnormal_exit" else None
+    else:
+        error_type = classify(returncode, tail.text())
+        state = "normal_exit" if error_type is None else "abnormal_exit"
+    if log:
+        sig = killed_by(returncode)
+        how = f"signal {procs.SIGNAL_NAMES.get(sig, sig)}" if sig else f"status {returncode}"
+        log.write(f"==== {_now()} end {uni_id}: {how}, {state}{f' ({error_type})' if error_type else ''}\n".encode())
+        log.close()
+    if history and state == "normal_exit":
+        # Durable before the registry says so: a crash between the two can't lose a success.
+        journal.append(history, {"uni_id": uni_id, "state": state, "exit_status": returncode,
+                                 "start": _iso(started), "end": _now(), **(meta or {})})
+    _record(registry, uni_id, state=state, error_type=error_type, exit_status=returncode, ended_at=_now())
+    return ExecResult(returncode, state, error_type)
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
+
+
+def _now() -> str:
+    return _iso(time.time())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry used by the daemon (`python -m gpu_compete.supervisor`): no click, fast start."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="gpu_compete.supervisor")
+    parser.add_argument("--uni-id", required=True)
+    parser.add_argument("--registry", required=True)
+    parser.add_argument("--log")
+    parser.add_argument("--history")
+    parser.add_argument("--meta", default="{}")
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--title", help="What the log header says is running (default: the command)")
+    parser.add_argument("cmd", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
+    result = run(cmd, args.uni_id, Registry(args.registry), args.log, quiet=args.quiet,
+                 history=args.history, meta=json.loads(args.meta), title=args.title)
+    return result.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Task values: what one block of the command file asks for, and how its placeholders expand.
+
+Nothing here touches processes or files; the daemon keeps the mutable run state elsewhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+
+GIB = 1024**3
+
+#: The characters a uni_id (and a queue id) may hold: safe in file names and shell words.
+SAFE_ID = re.compile(r"[A-Za-z0-9_.-]+")
+
+PLACEHOLDERS = ("work_dir", "uni_id", "available_gpu")
+
+# Marker shown by `check` where the GPU index will go; chosen at launch.
+GPU_MARKER = "<gpu>"
+
+# `{word}` not preceded by `$` (so `${HOME}` is not a candidate).
+_BRACE_WORD = re.compile(r"(?<!\$)\{([A-Za-z][A-Za-z0-9_-]*)\}")
+_NORMALISED = {p.replace("_", ""): p for p in PLACEHOLDERS}
+# Words people use for the GPU that are surely meant as `{available_gpu}`.
+_GPU_WORDS = {"gpu", "gpuid", "gpus", "gpuindex", "device", "cudadevice", "availablegpus"}
+
+
+def is_safe_id(value: str) -> bool:
+    """True when `value` may be used as a uni_id or queue id (file names, shell words)."""
+    return bool(SAFE_ID.fullmatch(value)) and value not in (".", "..")
+
+
+def make_uni_id(queue: str, position: int, commands: tuple[str, ...]) -> str:
+    """Stable id from the queue, the 1-based position in it and the commands.
+
+    Same file, same ids across restarts; editing a task's commands gives it a new id, so a
+    changed experiment is never mistaken for a completed one.
+    """
+    digest = hashlib.sha1("\n".join(commands).encode()).hexdigest()[:8]
+    return f"q{queue}-{position}-{digest}"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task block: commands to run in one shell, on one GPU with `vram_gb` free."""
+
+    queue: str
+    position: int  # 1-based within its queue
+    commands: tuple[str, ...]
+    vram_gb: float
+    line: int  # line of the first command, for messages
+    uni_id: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.uni_id:
+            object.__setattr__(self, "uni_id", make_uni_id(self.queue, self.position, self.commands))
+
+    @property
+    def vram_bytes(self) -> int:
+        return int(self.vram_gb * GIB)
+
+    def expanded(self, work_dir: str, gpu: int | str | None = None) -> list[str]:
+        """The commands with placeholders replaced; `gpu=None` shows the marker instead."""
+        gpu_text = GPU_MARKER if gpu is None else str(gpu)
+        return [expand(c, work_dir=work_dir, uni_id=self.uni_id, available_gpu=gpu_text) for c in self.commands]
+
+
+def expand(command: str, **values: str) -> str:
+    """Replace exactly `{work_dir}`, `{uni_id}`, `{available_gpu}`; every other brace survives."""
+    for name in PLACEHOLDERS:
+        if name in values:
+            command = command.replace("{" + name + "}", values[name])
+    return command
+
+
+def suspicious_placeholders(command: str) -> list[tuple[str, str]]:
+    """Brace words that look like a misspelled placeholder: [(found, meant)]."""
+    found = []
+    for match in _BRACE_WORD.finditer(command):
+        word = match.group(1)
+        if word in PLACEHOLDERS:
+            continue
+        key = word.lower().replace("_", "").replace("-", "")
+        if key in _NORMALISED:
+            found.append((word, _NORMALISED[key]))
+        elif key in _GPU_WORDS:
+            found.append((word, "available_gpu"))
+        else:
+            close = difflib.get_close_matches(key, list(_NORMALISED), n=1, cutoff=0.8)
+            if close:
+                found.append((word, _NORMALISED[close[0]]))
+    return found
+
+
+def group_queues(specs: list[TaskSpec]) -> dict[str, list[TaskSpec]]:
+    """Queues in order of first appearance, each with its tasks in file order."""
+    queues: dict[str, list[TaskSpec]] = {}
+    for spec in specs:
+        queues.setdefault(spec.queue, []).append(spec)
+    return queues
+
+
+class TaskState(str, Enum):
+    PENDING = "pending"  # not started yet
+    RUNNING = "running"  # launched (or adopted) and not ended
+    RETRY = "retry"  # failed; relaunched once `retry_at` passes (a backoff when that is later)
+    COMPLETED = "completed"
+    FAILED = "failed"  # gave up after --max-retries; the rest of its queue is blocked
+
+
+@dataclass
+class Task:
+    """A task's run state inside the daemon. Times are monotonic seconds."""
+
+    spec: TaskSpec
+    state: TaskState = TaskState.PENDING
+    retry_count: int = 0
+    retry_at: float = 0.0
+    error_type: str | None = None
+    gpu: int | None = None
+    launched_at: float | None = None
+    confirmed: bool = False  # its process has shown up on its GPU
+    adopted: bool = False  # started by an earlier daemon
+
+    @property
+    def uni_id(self) -> str:
+        return self.spec.uni_id
