@@ -74,12 +74,12 @@ def _load_commands(path: str):
     return parsed
 
 
-def _open_probe(simulate: str | None, gpus: str):
+def _open_probe(simulate: str | None, gpus: str, namespace: str | None = None):
     from .gpus import NoDriverError, ScopeError, open_probe
     from .gpus.simulated import SimulationSpecError
 
     try:
-        return open_probe(simulate=simulate, gpus=gpus)
+        return open_probe(simulate=simulate, gpus=gpus, namespace=namespace)
     except (NoDriverError, ScopeError, SimulationSpecError) as exc:
         _fail(str(exc))
 
@@ -394,7 +394,7 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
                     exclusive=exclusive, poll=poll, settle=settle,
                     retry=RetryPolicy(retry_burst, backoff, max_retries), status_every=status_every,
                     seed=seed, pick=pick, fresh=fresh)
-    probe = _open_probe(simulate, gpu_scope)
+    probe = _open_probe(simulate, gpu_scope, namespace=str(state))
     try:
         daemon = Daemon(config, parsed.tasks, probe)
         if dry_run:

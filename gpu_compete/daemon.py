@@ -499,10 +499,10 @@ class Daemon:
                     running = sum(t.state is TaskState.RUNNING for t in self.tasks.values())
                     log.warning("draining: nothing new starts; waiting for running tasks "
                                 "(signal again or `gpu-compete stop --kill` to end them)", running=running)
+                self._maybe_print_status(start)
                 if self.force:
                     self.kill_all()
                     break
-                self._maybe_print_status(start)
                 if self.finished():
                     break
                 self._sleep_until(start + self.config.poll)

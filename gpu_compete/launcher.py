@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .gpus.base import gpu_env
-from .gpus.simulated import VRAM_ENV
+from .gpus.simulated import NAMESPACE_ENV, VRAM_ENV
 from .registry import ENV_VAR as REGISTRY_ENV
 from .tasks import TaskSpec
 
@@ -47,8 +47,10 @@ class LaunchPaths:
     history: Path
 
 
-def task_environment(spec: TaskSpec, gpu: int, registry: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+def task_environment(spec: TaskSpec, gpu: int, paths: LaunchPaths, base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
+    env[NAMESPACE_ENV] = str(paths.state_dir)
+    registry = paths.registry
     env.update(gpu_env(gpu))
     env["GPU_COMPETE_UNI_ID"] = spec.uni_id
     env[REGISTRY_ENV] = str(registry)
@@ -73,7 +75,7 @@ def start(spec: TaskSpec, gpu: int, attempt: int, paths: LaunchPaths) -> subproc
     # The supervisor's own complaints (a registry it cannot write) land in the task's log too.
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        return subprocess.Popen(argv, cwd=paths.work_dir, env=task_environment(spec, gpu, paths.registry),
+        return subprocess.Popen(argv, cwd=paths.work_dir, env=task_environment(spec, gpu, paths),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=fd,
                                 start_new_session=True)
     finally:

@@ -33,6 +33,10 @@ from ..tasks import GIB
 from .base import GpuIdentity, GpuProcess, GpuSnapshot, current_user, owner_of, resolve_scope
 
 VRAM_ENV = "GPU_COMPETE_VRAM_GB"
+# Set by the daemon on its tasks: a simulation with a namespace ignores tasks of other
+# namespaces (another daemon's simulated machine), while hand-started processes without
+# one count everywhere.
+NAMESPACE_ENV = "GPU_COMPETE_SIM_NAMESPACE"
 _SHORT_SPEC = re.compile(r"^(?P<n>\d+)x(?P<gb>\d+(?:\.\d+)?)(?:,delay=(?P<delay>\d+(?:\.\d+)?))?$")
 
 
@@ -95,8 +99,9 @@ def sim_uuid(index: int) -> str:
 
 class SimulatedProbe:
     def __init__(self, config: SimConfig, scope: str | None = "all", environ: dict[str, str] | None = None,
-                 source: Path | None = None, clock: Callable[[], float] = time.time):
+                 source: Path | None = None, clock: Callable[[], float] = time.time, namespace: str | None = None):
         self.config = config
+        self.namespace = namespace
         self.source = source
         self._mtime = source.stat().st_mtime_ns if source else None
         self._clock = clock
@@ -108,10 +113,11 @@ class SimulatedProbe:
         self._seen: dict[tuple[int, float], tuple[int, int] | None] = {}
 
     @classmethod
-    def from_spec(cls, spec: str, scope: str | None = "all", environ: dict[str, str] | None = None) -> "SimulatedProbe":
+    def from_spec(cls, spec: str, scope: str | None = "all", environ: dict[str, str] | None = None,
+                  namespace: str | None = None) -> "SimulatedProbe":
         config = parse_spec(spec)
         source = None if _SHORT_SPEC.match(spec.strip()) else Path(spec)
-        return cls(config, scope=scope, environ=environ, source=source)
+        return cls(config, scope=scope, environ=environ, source=source, namespace=namespace)
 
     def _reload(self) -> None:
         if self.source is None:
@@ -136,7 +142,7 @@ class SimulatedProbe:
             key = (info["pid"], info["create_time"])
             alive.add(key)
             if key not in self._seen:
-                self._seen[key] = _claim(proc)
+                self._seen[key] = _claim(proc, self.namespace)
             claim = self._seen[key]
             if claim is None or now - info["create_time"] < self.config.startup_delay_s:
                 continue
@@ -182,11 +188,14 @@ class SimulatedProbe:
         pass
 
 
-def _claim(proc: psutil.Process) -> tuple[int, int] | None:
+def _claim(proc: psutil.Process, namespace: str | None) -> tuple[int, int] | None:
     """(gpu index, bytes) when the process's environment puts it on a simulated GPU."""
     try:
         env = proc.environ()
     except (psutil.Error, OSError):
+        return None
+    theirs = env.get(NAMESPACE_ENV)
+    if namespace and theirs and theirs != namespace:
         return None
     gb, visible = env.get(VRAM_ENV), env.get("CUDA_VISIBLE_DEVICES", "")
     if gb is None or not visible.isdigit():

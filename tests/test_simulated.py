@@ -1,0 +1,126 @@
+"""The simulated GPU backend, with real child processes standing in for CUDA programs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gpu_compete.gpus import ScopeError, current_user, open_probe
+from gpu_compete.gpus.simulated import SimulatedProbe, SimulationSpecError, parse_spec
+from gpu_compete.tasks import GIB
+
+from .helpers import wait_for
+
+
+def spawn(gpu: int, vram: str = "5", script: str = "import time; time.sleep(60)") -> subprocess.Popen:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), GPU_COMPETE_VRAM_GB=vram)
+    return subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True)
+
+
+@pytest.fixture
+def children():
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for p in procs:
+        try:
+            os.killpg(p.pid, 9)  # the whole group: a shell's children too
+        except ProcessLookupError:
+            pass
+        p.wait()
+
+
+def pids_on(probe: SimulatedProbe, index: int) -> set[int]:
+    return {p.pid for p in next(s for s in probe.snapshot() if s.index == index).processes}
+
+
+def test_short_spec_gives_that_many_empty_gpus():
+    """`4x24` is four idle GPUs of 24 GB each; `,delay=S` sets the start-up delay."""
+    probe = open_probe(simulate="4x24")
+    snaps = probe.snapshot()
+    assert [s.index for s in snaps] == [0, 1, 2, 3]
+    assert all(s.total_bytes == 24 * GIB and s.available for s in snaps)
+    assert parse_spec("2x80,delay=1.5").startup_delay_s == 1.5
+
+
+@pytest.mark.parametrize("bad", ["4", "0x24", "4x0", "x24", "4x24,delay=-1", "/no/such/file.json"])
+def test_bad_specs_are_refused_with_a_message(bad):
+    """A spec that is neither NxGB nor an existing JSON file is a clear error."""
+    with pytest.raises(SimulationSpecError):
+        parse_spec(bad)
+
+
+def test_a_task_process_shows_up_after_the_startup_delay_and_goes_away_when_it_ends(children):
+    """A process carrying the GPU variables appears only once it has lived the delay, then leaves."""
+    probe = SimulatedProbe(parse_spec("2x24,delay=1"))
+    child = spawn(1, "5")
+    children.append(child)
+    assert child.pid not in pids_on(probe, 1)  # younger than the delay: a CUDA context isn't up yet
+    wait_for(lambda: child.pid in pids_on(probe, 1), timeout=10, what="the task on GPU 1")
+    snap = probe.snapshot()[1]
+    assert snap.free_bytes == 19 * GIB and snap.user_processes(current_user())
+    assert child.pid not in pids_on(probe, 0)
+    os.killpg(child.pid, 9)
+    child.wait()
+    wait_for(lambda: child.pid not in pids_on(probe, 1), timeout=10, what="the task to leave GPU 1")
+    assert probe.snapshot()[1].free_bytes == 24 * GIB
+
+
+def test_a_shell_and_its_child_count_once(children):
+    """Only the topmost process of a tree with the variables counts, so memory is not doubled."""
+    probe = SimulatedProbe(parse_spec("1x24"))
+    shell = subprocess.Popen(["bash", "-c", "sleep 60 & wait"],
+                             env=dict(os.environ, CUDA_VISIBLE_DEVICES="0", GPU_COMPETE_VRAM_GB="6"),
+                             start_new_session=True)
+    children.append(shell)
+    wait_for(lambda: shell.pid in pids_on(probe, 0), timeout=10, what="the shell on GPU 0")
+    snap = probe.snapshot()[0]
+    assert [p.pid for p in snap.processes] == [shell.pid]
+    assert snap.used_bytes == 6 * GIB
+
+
+def test_foreign_processes_from_the_file_reduce_free_memory(tmp_path):
+    """Processes of other users listed in the JSON take their memory; an invisible pid is 'unknown'."""
+    spec = tmp_path / "sim.json"
+    spec.write_text(json.dumps({"gpus": [
+        {"memory_gb": 24, "processes": [{"pid": 999_999_999, "memory_gb": 20}]},
+        {"memory_gb": 24, "processes": [{"pid": 999_999_998, "memory_gb": 2, "user": "alice"}]}]}))
+    snaps = open_probe(simulate=str(spec), namespace=str(tmp_path)).snapshot()
+    assert snaps[0].free_bytes == 4 * GIB and snaps[0].processes[0].user == "unknown"
+    assert snaps[1].free_bytes == 22 * GIB and snaps[1].processes[0].user == "alice"
+
+
+def test_the_file_is_read_again_when_it_changes(tmp_path):
+    """Editing the JSON mid-run loses a GPU, fails a process list, then brings the GPU back."""
+    spec = tmp_path / "sim.json"
+
+    def write(**gpu1):
+        spec.write_text(json.dumps({"gpus": [{"memory_gb": 24}, {"memory_gb": 24, **gpu1}]}))
+        os.utime(spec, ns=(time.time_ns(), time.time_ns()))
+
+    write()
+    probe = open_probe(simulate=str(spec))
+    assert probe.snapshot()[1].available
+    write(lost=True)
+    wait_for(lambda: not probe.snapshot()[1].available, timeout=5, what="GPU 1 lost")
+    assert probe.snapshot()[0].available
+    write(fail="processes")
+    wait_for(lambda: probe.snapshot()[1].error == "process list unavailable (simulated)", timeout=5, what="failure")
+    write()
+    wait_for(lambda: probe.snapshot()[1].available and probe.snapshot()[1].error is None, timeout=5, what="back")
+
+
+def test_scope_follows_gpus_option_and_cuda_visible_devices():
+    """--gpus picks GPUs by index or UUID; our own CUDA_VISIBLE_DEVICES narrows the default."""
+    assert SimulatedProbe(parse_spec("4x24"), scope="1,3").indices == [1, 3]
+    assert SimulatedProbe(parse_spec("4x24"), environ={"CUDA_VISIBLE_DEVICES": "2"}).indices == [2]
+    uuid = SimulatedProbe(parse_spec("4x24")).snapshot()[2].uuid
+    assert SimulatedProbe(parse_spec("4x24"), scope=uuid).indices == [2]
+    with pytest.raises(ScopeError):
+        SimulatedProbe(parse_spec("4x24"), scope="7")
+    with pytest.raises(ScopeError):
+        SimulatedProbe(parse_spec("4x24"), environ={"CUDA_VISIBLE_DEVICES": ""})
