@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tasks import TaskSpec, is_safe_id, suspicious_placeholders
+from .tasks import GIB, TaskSpec, is_safe_id, shell_style_placeholders, suspicious_placeholders
 
 # A line shaped like a queue line: one comma, no spaces inside the queue id.
 _QUEUE_SHAPE = re.compile(r"^\s*(?P<queue>[^,\s]+)\s*,\s*(?P<vram>[^,\s]+)\s*$")
@@ -77,6 +77,9 @@ def parse(text: str, path: str = "<commands>") -> ParsedFile:
         for line_no, command in commands:
             for found, meant in suspicious_placeholders(command):
                 warnings.append(Warning_(line_no, f"{{{found}}} is not a placeholder; did you mean {{{meant}}}?"))
+            for name in shell_style_placeholders(command):
+                warnings.append(Warning_(line_no, f"${{{name}}} is a shell variable and is left to the shell; "
+                                                  f"write {{{name}}} for gpu-compete's placeholder"))
     if not tasks:
         raise CommandFileError(path, None, "no tasks: expected blocks of commands each ending in a QUEUE_ID,VRAM_GB line")
     return ParsedFile(path=path, tasks=tasks, warnings=warnings)
@@ -87,8 +90,14 @@ def _logical_lines(text: str, path: str) -> list[tuple[int, str | None]]:
     out: list[tuple[int, str | None]] = []
     pending: list[str] = []
     start = 0
-    physical = text.splitlines()
+    # Lines end at "\n" (or "\r\n") only, as editors and `grep -n` count them; str.splitlines()
+    # would also split at form feeds, U+2028, NEL... and name the wrong line in messages.
+    physical = text.split("\n")
+    if physical and physical[-1] == "":
+        physical.pop()
     for number, raw in enumerate(physical, start=1):
+        if raw.endswith("\r"):
+            raw = raw[:-1]
         if "\x00" in raw:
             raise CommandFileError(path, number, "contains a NUL byte")
         if not pending:
@@ -99,15 +108,28 @@ def _logical_lines(text: str, path: str) -> list[tuple[int, str | None]]:
                 continue
             if stripped.startswith("#"):
                 continue
-        if raw.endswith("\\") and not raw.endswith("\\\\"):
-            pending.append(raw[:-1])
+        # As in the shell: an odd number of trailing backslashes continues the line (an even
+        # number is escaped backslashes). Spaces after the backslash are forgiven rather than
+        # leaving a dangling backslash that would join the next line of the task's script.
+        body = raw.rstrip()
+        if (len(body) - len(body.rstrip("\\"))) % 2:
+            pending.append(body[:-1])
             continue
         pending.append(raw)
-        out.append((start, "".join(pending).strip()))
+        out.append((start, _strip_command("".join(pending))))
         pending = []
     if pending:
         raise CommandFileError(path, start, "the file ends inside a continued line (a line ending in '\\')")
     return out
+
+
+def _strip_command(text: str) -> str:
+    stripped = text.strip()
+    if (len(stripped) - len(stripped.rstrip("\\"))) % 2:
+        # It ended in an escaped space (`a\ ` before a blank continued line): keep that space,
+        # or the backslash would dangle and join the next line of the task's script.
+        stripped = text.lstrip()[: len(stripped) + 1]
+    return stripped
 
 
 def _blocks(lines: list[tuple[int, str | None]]) -> list[list[tuple[int, str]]]:
@@ -131,11 +153,14 @@ def _queue_line(content: str) -> tuple[str, str] | None:
 
 
 def _vram(text: str) -> float | None:
+    # float() also takes "1_0" and non-ASCII digits ("\u0663"); a VRAM is plain ASCII.
+    if not text.isascii() or "_" in text:
+        return None
     try:
         value = float(text)
     except ValueError:
         return None
-    return value
+    return value + 0.0  # -0.0 -> 0.0
 
 
 def _parse_block(block: list[tuple[int, str]], path: str) -> tuple[str, float, list[tuple[int, str]]]:
@@ -169,4 +194,6 @@ def _parse_block(block: list[tuple[int, str]], path: str) -> tuple[str, float, l
         raise CommandFileError(path, last_no, f"bad VRAM {vram_text!r}: must be a finite number of GB")
     if vram < 0:
         raise CommandFileError(path, last_no, f"bad VRAM {vram_text!r}: must not be negative")
+    if not math.isfinite(vram * GIB):
+        raise CommandFileError(path, last_no, f"bad VRAM {vram_text!r}: too large")
     return queue, vram, commands

@@ -21,6 +21,9 @@ PLACEHOLDERS = ("work_dir", "uni_id", "available_gpu")
 # Marker shown by `check` where the GPU index will go; chosen at launch.
 GPU_MARKER = "<gpu>"
 
+# `${uni_id}` is shell syntax for a shell variable: it is left to the shell (with a warning).
+_PLACEHOLDER = re.compile(r"(?<!\$)\{(" + "|".join(PLACEHOLDERS) + r")\}")
+_SHELL_PLACEHOLDER = re.compile(r"\$\{(" + "|".join(PLACEHOLDERS) + r")\}")
 # `{word}` not preceded by `$` (so `${HOME}` is not a candidate).
 _BRACE_WORD = re.compile(r"(?<!\$)\{([A-Za-z][A-Za-z0-9_-]*)\}")
 _NORMALISED = {p.replace("_", ""): p for p in PLACEHOLDERS}
@@ -69,11 +72,17 @@ class TaskSpec:
 
 
 def expand(command: str, **values: str) -> str:
-    """Replace exactly `{work_dir}`, `{uni_id}`, `{available_gpu}`; every other brace survives."""
-    for name in PLACEHOLDERS:
-        if name in values:
-            command = command.replace("{" + name + "}", values[name])
-    return command
+    """Replace exactly `{work_dir}`, `{uni_id}`, `{available_gpu}`; every other brace survives.
+
+    One pass, so a value that itself holds a placeholder (a work dir named `{uni_id}`) is
+    inserted verbatim, not expanded again.
+    """
+    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), command)
+
+
+def shell_style_placeholders(command: str) -> list[str]:
+    """Placeholder names written as shell variables (`${uni_id}`): left to the shell, warned of."""
+    return [m.group(1) for m in _SHELL_PLACEHOLDER.finditer(command)]
 
 
 def suspicious_placeholders(command: str) -> list[tuple[str, str]]:
