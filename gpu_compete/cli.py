@@ -285,15 +285,17 @@ def status(state_dir: str, registry_file: str | None, as_json: bool) -> None:
               help="all, or a comma list of NVML indices and/or UUIDs.")
 @click.option("--simulate", metavar="SPEC", envvar="GPU_COMPETE_SIMULATE",
               help="Simulated GPUs instead of NVML: NxGB (4x24), NxGB,delay=S, or a JSON file.")
+@click.option("--state-dir", default="script_process", show_default=True, envvar="GPU_COMPETE_STATE_DIR",
+              help="With --simulate: show the simulation as the daemon on this state directory sees it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the snapshot as JSON on stdout.")
-def gpus(gpu_scope: str, simulate: str | None, as_json: bool) -> None:
+def gpus(gpu_scope: str, simulate: str | None, state_dir: str, as_json: bool) -> None:
     """Show each GPU as the scheduler sees it: memory, utilization, processes and owners, and
     whether it is free for you in exclusive mode."""
     from .gpus import current_user
     from .policy import build_views, fits
     from .status import gb, table
 
-    probe = _open_probe(simulate, gpu_scope)
+    probe = _open_probe(simulate, gpu_scope, namespace=str(Path(state_dir).resolve()))
     try:
         snaps = probe.snapshot()
     finally:

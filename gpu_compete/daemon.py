@@ -325,27 +325,29 @@ class Daemon:
         if not waiting:
             return
         on_gpu = {s.index: {p.pid for p in s.processes} for s in self.snapshots}
+        if not any(on_gpu.get(t.gpu) for t in waiting):
+            return
+        children = _children_map()  # one scan of the process table for every waiting task
         for task in waiting:
             pids = on_gpu.get(task.gpu, set())
-            if pids and self._tree_pids(task) & pids:
+            if pids and self._tree_pids(task, children) & pids:
                 task.confirmed = True
                 log.debug("launch confirmed on its GPU", uni_id=task.uni_id, gpu=task.gpu,
                           after_s=round(now - (task.launched_at or now), 2))
 
-    def _tree_pids(self, task: Task) -> set[int]:
+    def _tree_pids(self, task: Task, children: dict[int, list[int]]) -> set[int]:
+        """The task's supervisor, the pid the registry names for it, and all their descendants."""
         record = self.known.get(task.uni_id, {})
-        roots = {record.get("supervisor_pid"), record.get("pid")}
+        todo = [p for p in (record.get("supervisor_pid"), record.get("pid")) if isinstance(p, int)]
         child = self.children.get(task.uni_id)
         if child is not None:
-            roots.add(child.pid)
+            todo.append(child.pid)
         out: set[int] = set()
-        for pid in roots:
-            if isinstance(pid, int):
+        while todo:
+            pid = todo.pop()
+            if pid not in out:
                 out.add(pid)
-                try:
-                    out.update(c.pid for c in psutil.Process(pid).children(recursive=True))
-                except psutil.Error:
-                    pass
+                todo.extend(children.get(pid, ()))
         return out
 
     def placements(self, now: float) -> list[Placement]:
@@ -577,6 +579,13 @@ class Daemon:
         self._registry_write(change)
         for task in running:
             task.state, task.retry_at, task.error_type = TaskState.RETRY, 0.0, "stopped"
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for proc in psutil.process_iter(["ppid"]):
+        children.setdefault(proc.info["ppid"], []).append(proc.pid)
+    return children
 
 
 def read_pidfile(state_dir: Path) -> dict[str, Any] | None:

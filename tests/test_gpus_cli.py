@@ -1,0 +1,76 @@
+"""`gpu-compete gpus`, the no-driver path, and the environment a task is launched with."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from gpu_compete.cli import main
+from gpu_compete.gpus import current_user
+from gpu_compete.launcher import LaunchPaths, build_script, task_environment
+from gpu_compete.tasks import TaskSpec
+
+from .helpers import console_script
+
+
+def test_gpus_table_shows_memory_processes_and_exclusive_availability(tmp_path):
+    """The table names each GPU's free/total memory, its processes with owner, and if it is free for you."""
+    sim = tmp_path / "sim.json"
+    sim.write_text(json.dumps({"gpus": [{"memory_gb": 24, "processes": [{"pid": os.getpid(), "memory_gb": 3}]},
+                                        {"memory_gb": 80, "processes": [{"pid": 999_999_997, "memory_gb": 8}]}]}))
+    result = CliRunner().invoke(main, ["gpus", "--simulate", str(sim), "--state-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "FREE FOR" in lines[0]
+    assert f"{os.getpid()}:{current_user()}:3.0GB" in lines[1] and lines[1].rstrip().endswith("no")
+    assert "999999997:unknown:8.0GB" in lines[2] and lines[2].rstrip().endswith("yes")
+    assert "21.0/24.0" in lines[1] and "72.0/80.0" in lines[2]
+
+
+def test_gpus_json_is_the_snapshot(tmp_path):
+    """`--json` prints every GPU's snapshot and exclusive availability as JSON on stdout."""
+    result = CliRunner().invoke(main, ["gpus", "--simulate", "3x16", "--gpus", "0,2", "--json",
+                                       "--state-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert [g["index"] for g in data["gpus"]] == [0, 2]
+    assert all(g["free_for_me_exclusive"] and g["total_bytes"] == 16 * 2**30 for g in data["gpus"])
+
+
+def test_a_gpu_that_does_not_exist_is_exit_2():
+    """--gpus naming a missing index is a clear error with exit status 2."""
+    result = CliRunner().invoke(main, ["gpus", "--simulate", "2x24", "--gpus", "5"])
+    assert result.exit_code == 2 and "no GPU 5" in result.output
+
+
+def test_no_driver_is_one_sentence_and_exit_2():
+    """Without an NVIDIA driver (as on this machine), the real path says so plainly: no traceback."""
+    done = subprocess.run([console_script(), "gpus"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "no NVIDIA driver was found" in done.stderr and "--simulate" in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_task_environment_pins_the_gpu_in_pci_order(tmp_path):
+    """A task gets PCI bus order and CUDA_VISIBLE_DEVICES = the NVML index, plus its own ids."""
+    spec = TaskSpec("1", 1, ("echo",), 7.5, 1)
+    paths = LaunchPaths(tmp_path, tmp_path / "state", tmp_path / "state/uni_id.json", tmp_path / "h")
+    env = task_environment(spec, 3, paths, base={"PATH": "/bin"})
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and env["CUDA_VISIBLE_DEVICES"] == "3"
+    assert env["GPU_COMPETE_UNI_ID"] == spec.uni_id and env["GPU_COMPETE_VRAM_GB"] == "7.5"
+    assert env["GPU_COMPETE_REGISTRY"] == str(paths.registry)
+
+
+def test_the_task_script_stops_at_the_first_failing_command(tmp_path):
+    """Commands share one shell (cd carries over) and the first failure ends the task with its status."""
+    marker = tmp_path / "ran"
+    script = build_script([f"cd {tmp_path}", "true  # a comment ends with its line",
+                           "(exit 7)", f"touch {marker}"])
+    done = subprocess.run(["bash", "-c", script], cwd="/")
+    assert done.returncode == 7 and not marker.exists()
+    script = build_script([f"cd {tmp_path}", "touch here"])
+    assert subprocess.run(["bash", "-c", script], cwd="/").returncode == 0 and Path(tmp_path / "here").exists()
