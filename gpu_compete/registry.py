@@ -64,7 +64,8 @@ def normalize(value: Any) -> dict[str, Any] | None:
         record["pid"] = None
     if record.get("state") not in STATES:
         record["state"] = "running" if record.get("pid") else "abnormal_exit"
-        record.setdefault("error_type", "unknown")
+        if record["state"] == "abnormal_exit":  # error_type belongs to abnormal records only
+            record.setdefault("error_type", "unknown")
     retries = record.get("retry_count")
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         record["retry_count"] = 0
@@ -96,7 +97,8 @@ class Registry:
             if isinstance(obj, dict):
                 return obj
             problem = f"holds a JSON {type(obj).__name__}, not an object"
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            # RecursionError: garbage nested deeper than the parser can follow ("[[[[...").
             problem = "is empty" if not data.strip() else f"is not valid JSON ({exc})"
         self._set_aside(data, problem)
         return {}

@@ -159,7 +159,11 @@ def run(cmd: list[str], uni_id: str, registry: Registry | None, log_path: str | 
 
     returncode = 128 - raw if raw < 0 else raw
     # A wrapped script may have said how it ended while it ran; its word wins.
-    said = registry.get(uni_id) if registry else None
+    try:
+        said = registry.get(uni_id) if registry else None
+    except RegistryError as exc:  # an unreadable registry must not cost CMD's exit status
+        _warn(f"could not read the registry: {exc}")
+        said = None
     said_final = said is not None and said.get("state") in ("normal_exit", "abnormal_exit")
     if said_final:
         state, error_type = said["state"], said.get("error_type") if said["state"] == "abnormal_exit" else None
