@@ -99,9 +99,12 @@ def run_once(pick: str, seed: int, args: argparse.Namespace) -> dict[str, float]
                 per_gpu[g].append((s, float(t)))
                 ends.append(float(t))
     gaps = []
-    for runs in per_gpu.values():
+    for gpu, runs in sorted(per_gpu.items()):
         runs.sort()
         gaps += [b[0] - a[1] for a, b in zip(runs, runs[1:])]
+        if args.verbose:
+            t0 = min(starts)
+            print(f"   GPU {gpu}: " + " ".join(f"[{s - t0:.2f}-{e - t0:.2f}]" for s, e in runs))
     best = ideal(plan, args.seconds, args.gpus)
     makespan = max(ends) - min(starts)
     return {"ratio": makespan / best, "makespan": makespan, "ideal": best, "gap": statistics.median(gaps),
@@ -119,6 +122,7 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=5.0, help="the daemon's --poll (exits wake it anyway)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--picks", default="longest,random")
+    parser.add_argument("--verbose", action="store_true", help="print every GPU's timeline")
     args = parser.parse_args()
     print(f"{args.gpus} GPUs, {args.queues} queues x {args.tasks} tasks of {args.seconds} s, "
           f"{args.startup} s start-up, {args.fail_rate:.0%} failing attempts, --poll {args.poll}")

@@ -13,7 +13,6 @@ import os
 import random
 import select
 import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import structlog
 from . import journal, launcher, procs, status
 from .classify import classify
 from .gpus.base import GpuProbe, GpuSnapshot, current_user
+from .gpus.simulated import NAMESPACE_ENV
 from .policy import (Placement, RetryPolicy, build_views, candidates, fits, lease_active, plan_round,
                      queue_status)
 from .registry import Registry, RegistryError
@@ -84,7 +84,7 @@ class Daemon:
         self.paths = launcher.LaunchPaths(config.work_dir, config.state_dir, config.registry, config.history)
         self.queues: dict[str, list[Task]] = {q: [Task(s) for s in ss] for q, ss in group_queues(specs).items()}
         self.tasks: dict[str, Task] = {t.uni_id: t for q in self.queues.values() for t in q}
-        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.children: dict[str, launcher.Child] = {}
         self.known: dict[str, dict[str, Any]] = {}  # last registry record we wrote or saw, per task
         self.history = journal.Tail(config.history)
         self.journaled: set[str] = set()  # uni_ids with a success line in the history
@@ -279,11 +279,15 @@ class Daemon:
         log.info("task completed", uni_id=uid, queue=task.spec.queue, gpu=task.gpu)
 
     def _lost(self, task: Task, why: str, now: float) -> None:
-        # Whatever the supervisor left behind is ended before the task runs again.
+        # Whatever the supervisor left behind is ended before the task runs again: its
+        # recorded process group, and any process still carrying this task's id and our
+        # namespace in its environment (the supervisor may have died before recording).
         record = self.known.get(task.uni_id, {})
         pgid, ct = record.get("pgid"), record.get("create_time")
         if isinstance(pgid, int) and pgid > 0 and procs.group_alive(pgid):
             procs.signal_group(pgid, ct if record.get("pid") == pgid else None, signal.SIGKILL)
+        procs.kill_all(procs.processes_with_env(GPU_COMPETE_UNI_ID=task.uni_id,
+                                                **{NAMESPACE_ENV: str(self.config.state_dir)}))
         self._failed(task, "lost", now, note=why)
 
     def _failed(self, task: Task, error_type: str, now: float, note: str | None = None) -> None:
@@ -559,10 +563,7 @@ class Daemon:
                 if isinstance(g, int) and g > 0 and procs.group_alive(g):
                     procs.signal_group(g, ct, signal.SIGKILL)
         for child in self.children.values():
-            try:
-                child.wait(timeout=5)
-            except subprocess.TimeoutExpired:  # pragma: no cover - unkillable (D state)
-                pass
+            child.wait(timeout=5)
         self.children.clear()
         stopped = {t.uni_id: t for t in running}
         now_iso = _iso(self.wall())

@@ -5,14 +5,14 @@ The launcher decides nothing; the daemon tells it what to run where.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import supervisor
 from .gpus.base import gpu_env
 from .gpus.simulated import NAMESPACE_ENV, VRAM_ENV
 from .registry import ENV_VAR as REGISTRY_ENV
@@ -60,23 +60,77 @@ def task_environment(spec: TaskSpec, gpu: int, paths: LaunchPaths, base: dict[st
     return env
 
 
-def start(spec: TaskSpec, gpu: int, attempt: int, paths: LaunchPaths) -> subprocess.Popen[bytes]:
-    """Start the task's supervisor in a new session; returns at once."""
+class Child:
+    """A supervisor forked from the daemon: `poll()` and `wait()` like Popen's."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: its outcome is in the registry
+                self.returncode = 0 if self.returncode is None else self.returncode
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int | None:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.returncode
+
+
+def start(spec: TaskSpec, gpu: int, attempt: int, paths: LaunchPaths) -> Child:
+    """Fork a supervisor for the task in a new session; returns at once.
+
+    The supervisor is a fork of the daemon rather than a new interpreter: everything it
+    needs is imported already, so a task starts in milliseconds and eight tasks ending at
+    once don't queue behind eight Python start-ups. It runs the same code as `gpu-compete
+    exec` and writes the task's final state itself, so it outlives a daemon that dies.
+    """
     commands = spec.expanded(str(paths.work_dir), gpu)
     script = build_script(commands)
     meta = {"queue": spec.queue, "gpu": gpu, "attempt": attempt}
     title = f"attempt {attempt} on GPU {gpu}: " + " ; ".join(commands)
-    argv = [sys.executable, "-m", "gpu_compete.supervisor", "--uni-id", spec.uni_id,
-            "--registry", str(paths.registry), "--log", str(log_path(paths.state_dir, spec.uni_id)),
-            "--history", str(paths.history), "--meta", json.dumps(meta), "--title", title, "--quiet",
-            "--", SHELL, "-c", script]
     log = log_path(paths.state_dir, spec.uni_id)
     log.parent.mkdir(parents=True, exist_ok=True)
-    # The supervisor's own complaints (a registry it cannot write) land in the task's log too.
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    env = task_environment(spec, gpu, paths)
+    log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        return subprocess.Popen(argv, cwd=paths.work_dir, env=task_environment(spec, gpu, paths),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=fd,
-                                start_new_session=True)
-    finally:
-        os.close(fd)
+        pid = os.fork()
+    except OSError:
+        os.close(log_fd)
+        raise
+    if pid:
+        os.close(log_fd)
+        return Child(pid)
+    # --- in the child: nothing here may return into the daemon's loop ---
+    code = 70
+    try:
+        os.setsid()
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(log_fd, 1)  # the supervisor's own complaints land in the task's log
+        os.dup2(log_fd, 2)
+        os.closerange(3, 65536)  # the daemon's pid-file lock and wake-up pipe stay with it
+        os.chdir(paths.work_dir)
+        os.environ.clear()
+        os.environ.update(env)
+        code = supervisor.run([SHELL, "-c", script], spec.uni_id, str(paths.registry), str(log), quiet=True,
+                              history=str(paths.history), meta=meta, title=title).returncode
+    except BaseException:  # noqa: BLE001 - report and leave; never unwind into the daemon
+        try:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os._exit(code)

@@ -72,4 +72,29 @@ def group_alive(pgid: int) -> bool:
         return True
 
 
+def processes_with_env(**wanted: str) -> list[psutil.Process]:
+    """Our user's processes whose environment holds every `NAME=value` in `wanted`: the
+    leftovers of a task whose supervisor died before it could say where they were."""
+    found = []
+    for proc in psutil.process_iter(["uids"]):
+        try:
+            if proc.info["uids"] is None or proc.info["uids"].real != os.getuid():
+                continue
+            env = proc.environ()
+        except (psutil.Error, OSError):
+            continue
+        if all(env.get(k) == v for k, v in wanted.items()):
+            found.append(proc)
+    return found
+
+
+def kill_all(processes: list[psutil.Process]) -> None:
+    """SIGKILL each; psutil refuses a pid that now names another process."""
+    for proc in processes:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
 SIGNAL_NAMES = {int(s): s.name for s in signal.Signals}

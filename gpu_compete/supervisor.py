@@ -6,12 +6,12 @@ terminal (and a log), and when CMD ends writes the final state itself. Because t
 state is written here and not by the daemon, a task keeps its outcome even while no daemon
 runs (a daemon restarted later adopts it and reads what was written).
 
-Imports are kept light: a task's start-up pays for them.
+CMD is started before anything heavy (psutil, filelock) is imported: every task's start
+waits for this module, and the gap between two tasks on a GPU is what the daemon is judged on.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,32 +19,28 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
-from . import journal, procs
-from .classify import classify, killed_by
-from .registry import Registry, RegistryError
+if TYPE_CHECKING:  # pragma: no cover
+    from .registry import Registry
 
 TAIL_BYTES = 64 * 1024
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-@dataclass
-class ExecResult:
+class ExecResult(NamedTuple):
     returncode: int  # CMD's status as a shell would give it: 128+N for signal N
     state: str
     error_type: str | None
 
 
-@dataclass
 class _Tail:
     """The last TAIL_BYTES of CMD's output, for the failure classifier."""
 
-    chunks: deque[bytes] = field(default_factory=deque)
-    size: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(self) -> None:
+        self.chunks: deque[bytes] = deque()
+        self.size = 0
+        self.lock = threading.Lock()
 
     def add(self, data: bytes) -> None:
         with self.lock:
@@ -94,6 +90,8 @@ def _warn(message: str) -> None:
 
 def _record(registry: Registry | None, uni_id: str, **fields: Any) -> None:
     """Write to the registry; a failing disk is reported but never stops or kills the task."""
+    from .registry import RegistryError
+
     if registry is None:
         return
     for attempt in range(3):
@@ -107,12 +105,13 @@ def _record(registry: Registry | None, uni_id: str, **fields: Any) -> None:
                 time.sleep(0.2)
 
 
-def run(cmd: list[str], uni_id: str, registry: Registry | None, log_path: str | None = None,
+def run(cmd: list[str], uni_id: str, registry: Registry | str | os.PathLike[str] | None, log_path: str | None = None,
         quiet: bool = False, history: str | None = None, meta: dict[str, Any] | None = None,
         title: str | None = None) -> ExecResult:
+    """Run CMD to its end and record it; `registry` may be a path, opened once CMD runs."""
     log: IO[bytes] | None = None
     if log_path:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
         log = open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab", buffering=0)
         what = title or " ".join(cmd)
         log.write(f"==== {_now()} start {uni_id} (supervisor {os.getpid()}): {what}\n".encode())
@@ -123,6 +122,7 @@ def run(cmd: list[str], uni_id: str, registry: Registry | None, log_path: str | 
         _warn(f"cannot start {cmd[0]!r}: {exc.strerror or exc}")
         if log:
             log.write(f"==== {_now()} could not start: {exc}\n".encode())
+        registry = _open_registry(registry)
         _record(registry, uni_id, state="abnormal_exit", error_type="unknown", exit_status=127)
         return ExecResult(127, "abnormal_exit", "unknown")
 
@@ -133,6 +133,12 @@ def run(cmd: list[str], uni_id: str, registry: Registry | None, log_path: str | 
             pass
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    # CMD is running: now pay for the imports it didn't have to wait for.
+    from . import journal, procs
+    from .classify import classify, killed_by
+    from .registry import RegistryError
+
+    registry = _open_registry(registry)
     _record(registry, uni_id, pid=child.pid, create_time=procs.create_time(child.pid), pgid=child.pid,
             state="running", exec_pid=os.getpid(), started_at=_now(), error_type=None, exit_status=None)
 
@@ -154,8 +160,6 @@ def run(cmd: list[str], uni_id: str, registry: Registry | None, log_path: str | 
             continue
     for pump in pumps:
         pump.join(timeout=5)
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
 
     returncode = 128 - raw if raw < 0 else raw
     # A wrapped script may have said how it ended while it ran; its word wins.
@@ -180,7 +184,18 @@ def run(cmd: list[str], uni_id: str, registry: Registry | None, log_path: str | 
         journal.append(history, {"uni_id": uni_id, "state": state, "exit_status": returncode,
                                  "start": _iso(started), "end": _now(), **(meta or {})})
     _record(registry, uni_id, state=state, error_type=error_type, exit_status=returncode, ended_at=_now())
+    # Only now: a signal arriving while the final state is written must not kill us before it is.
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
     return ExecResult(returncode, state, error_type)
+
+
+def _open_registry(registry: Registry | str | os.PathLike[str] | None) -> Registry | None:
+    if registry is None or not isinstance(registry, (str, os.PathLike)):
+        return registry
+    from .registry import Registry
+
+    return Registry(registry)
 
 
 def _iso(t: float) -> str:
@@ -206,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
-    result = run(cmd, args.uni_id, Registry(args.registry), args.log, quiet=args.quiet,
+    import json
+
+    result = run(cmd, args.uni_id, args.registry, args.log, quiet=args.quiet,
                  history=args.history, meta=json.loads(args.meta), title=args.title)
     return result.returncode
 

@@ -36,7 +36,7 @@ VRAM_ENV = "GPU_COMPETE_VRAM_GB"
 # Set by the daemon on its tasks: a simulation with a namespace ignores tasks of other
 # namespaces (another daemon's simulated machine), while hand-started processes without
 # one count everywhere.
-NAMESPACE_ENV = "GPU_COMPETE_SIM_NAMESPACE"
+NAMESPACE_ENV = "GPU_COMPETE_NAMESPACE"
 _SHORT_SPEC = re.compile(r"^(?P<n>\d+)x(?P<gb>\d+(?:\.\d+)?)(?:,delay=(?P<delay>\d+(?:\.\d+)?))?$")
 
 
