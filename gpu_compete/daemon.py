@@ -28,7 +28,7 @@ from .gpus.simulated import NAMESPACE_ENV
 from .policy import (Placement, RetryPolicy, build_views, candidates, fits, lease_active, plan_round,
                      queue_status)
 from .registry import Registry, RegistryError
-from .tasks import Task, TaskSpec, TaskState, group_queues
+from .tasks import Queue, Task, TaskSpec, TaskState, group_queues
 
 log = structlog.get_logger("gpu_compete")
 
@@ -82,7 +82,7 @@ class Daemon:
         self.user = current_user()
         self.registry = Registry(config.registry)
         self.paths = launcher.LaunchPaths(config.work_dir, config.state_dir, config.registry, config.history)
-        self.queues: dict[str, list[Task]] = {q: [Task(s) for s in ss] for q, ss in group_queues(specs).items()}
+        self.queues = {q: Queue(Task(s) for s in ss) for q, ss in group_queues(specs).items()}
         self.tasks: dict[str, Task] = {t.uni_id: t for q in self.queues.values() for t in q}
         self.children: dict[str, launcher.Child] = {}
         self.known: dict[str, dict[str, Any]] = {}  # last registry record we wrote or saw, per task

@@ -12,19 +12,19 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from .gpus.base import GpuSnapshot
-from .tasks import Task, TaskState
+from .tasks import Queue, Task, TaskState
 
 PICKS = ("longest", "random")
 
 
 # --- queues ----------------------------------------------------------------------------------
 
-def head(queue: Sequence[Task]) -> Task | None:
+def head(queue: Queue) -> Task | None:
     """The task a queue is on: its first one not completed (None when all are)."""
-    return next((t for t in queue if t.state is not TaskState.COMPLETED), None)
+    return queue.head()
 
 
-def queue_status(queue: Sequence[Task]) -> str:
+def queue_status(queue: Queue) -> str:
     """DONE, BLOCKED (its head failed for good), BUSY (running, or waiting for a retry), IDLE."""
     task = head(queue)
     if task is None:
@@ -42,17 +42,17 @@ class Candidate:
     remaining: int  # tasks not yet completed in its queue, this one included
 
 
-def candidates(queues: dict[str, Sequence[Task]], now: float) -> list[Candidate]:
-    """Heads that may start now: pending ones, and failed ones whose retry time has come."""
+def candidates(queues: dict[str, Queue], now: float) -> list[Candidate]:
+    """Heads that may start now: pending ones, and failed ones whose retry time has come.
+    O(queues), whatever the number of tasks behind each head."""
     out = []
     for name, queue in queues.items():
-        task = head(queue)
+        task = queue.head()
         if task is None:
             continue
         due = task.state is TaskState.PENDING or (task.state is TaskState.RETRY and task.retry_at <= now)
         if due:
-            remaining = sum(1 for t in queue if t.state is not TaskState.COMPLETED)
-            out.append(Candidate(task.uni_id, name, task.spec.vram_bytes, remaining))
+            out.append(Candidate(task.uni_id, name, task.spec.vram_bytes, queue.remaining()))
     return out
 
 
@@ -145,16 +145,30 @@ class Launch:
 
 def plan_round(cands: Sequence[Candidate], gpus: Sequence[GpuView], rng: random.Random,
                exclusive: bool = True, pick: str = "longest") -> list[Launch]:
-    """Assign candidates one at a time; each assignment updates the view the next one sees."""
-    views = {g.index: g for g in gpus}
+    """Assign candidates one at a time; each assignment updates the view the next one sees.
+
+    Only GPUs that could take some task are kept, and the loop ends once none can take the
+    smallest candidate, so a round costs about O(candidates + assignments x GPUs).
+    """
+    ordered = order(cands, rng, pick)
+    if not ordered:
+        return []
+    smallest = min(c.vram_bytes for c in ordered)
+    views = {g.index: g for g in gpus if fits(g, smallest, exclusive)}
     launches = []
-    for cand in order(cands, rng, pick):
+    for cand in ordered:
+        if not views:
+            break
         gpu = choose_gpu(cand.vram_bytes, list(views.values()), exclusive)
         if gpu is None:
             continue
-        free = None if gpu.free_bytes is None else gpu.free_bytes - cand.vram_bytes
-        views[gpu.index] = GpuView(gpu.index, free, gpu.available, gpu.user_busy, True, gpu.own_tasks + 1)
         launches.append(Launch(cand.uni_id, cand.queue, gpu.index))
+        free = None if gpu.free_bytes is None else gpu.free_bytes - cand.vram_bytes
+        after = GpuView(gpu.index, free, gpu.available, gpu.user_busy, True, gpu.own_tasks + 1)
+        if fits(after, smallest, exclusive):
+            views[gpu.index] = after
+        else:
+            del views[gpu.index]
     return launches
 
 

@@ -137,3 +137,25 @@ class Task:
     @property
     def uni_id(self) -> str:
         return self.spec.uni_id
+
+
+class Queue(list):
+    """A queue's tasks in order, with a cursor at its head.
+
+    Tasks of a queue complete in order and never un-complete, so the cursor only moves
+    forward: finding the head is amortized O(1) per round, not O(tasks in the queue).
+    """
+
+    def __init__(self, tasks=()):
+        super().__init__(tasks)
+        self._cursor = 0
+
+    def head(self) -> Task | None:
+        while self._cursor < len(self) and self[self._cursor].state is TaskState.COMPLETED:
+            self._cursor += 1
+        return self[self._cursor] if self._cursor < len(self) else None
+
+    def remaining(self) -> int:
+        """Tasks from the head on (one completed out of order further back still counts)."""
+        self.head()
+        return len(self) - self._cursor

@@ -10,15 +10,15 @@ import pytest
 from gpu_compete.gpus.base import GpuProcess, GpuSnapshot
 from gpu_compete.policy import (Candidate, GpuView, Placement, RetryPolicy, build_views, candidates, choose_gpu,
                                 fits, head, lease_active, order, plan_round, queue_status)
-from gpu_compete.tasks import GIB, Task, TaskSpec, TaskState
+from gpu_compete.tasks import GIB, Queue, Task, TaskSpec, TaskState
 
 
 def spec(queue: str, position: int, vram: float = 1.0) -> TaskSpec:
     return TaskSpec(queue=queue, position=position, commands=(f"run {queue}.{position}",), vram_gb=vram, line=1)
 
 
-def queue_of(name: str, n: int, vram: float = 1.0) -> list[Task]:
-    return [Task(spec(name, i + 1, vram)) for i in range(n)]
+def queue_of(name: str, n: int, vram: float = 1.0) -> Queue:
+    return Queue(Task(spec(name, i + 1, vram)) for i in range(n))
 
 
 def gpu(index: int, free_gb: float, **kw) -> GpuView:
