@@ -27,7 +27,7 @@ from .gpus.base import GpuProbe, GpuSnapshot, current_user
 from .gpus.simulated import NAMESPACE_ENV
 from .policy import (Placement, RetryPolicy, build_views, candidates, fits, lease_active, plan_round,
                      queue_status)
-from .registry import Registry, RegistryError
+from .registry import Registry, RegistryError, private_dirs
 from .tasks import Queue, Task, TaskSpec, TaskState, group_queues
 
 log = structlog.get_logger("gpu_compete")
@@ -99,8 +99,7 @@ class Daemon:
     def acquire(self) -> None:
         """Take the state directory: a lock held for the daemon's life, and `daemon.pid`."""
         try:
-            self.config.state_dir.mkdir(parents=True, exist_ok=True)
-            (self.config.state_dir / "logs").mkdir(exist_ok=True)
+            private_dirs(self.config.state_dir / "logs")
         except OSError as exc:
             raise DaemonError(f"cannot use state directory {self.config.state_dir}: {exc.strerror or exc}") from None
         path = self.config.state_dir / "daemon.pid"

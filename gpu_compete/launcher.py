@@ -16,6 +16,7 @@ from . import supervisor
 from .gpus.base import gpu_env
 from .gpus.simulated import NAMESPACE_ENV, VRAM_ENV
 from .registry import ENV_VAR as REGISTRY_ENV
+from .registry import private_dirs
 from .tasks import TaskSpec
 
 SHELL = shutil.which("bash") or "/bin/sh"
@@ -98,7 +99,7 @@ def start(spec: TaskSpec, gpu: int, attempt: int, paths: LaunchPaths) -> Child:
     meta = {"queue": spec.queue, "gpu": gpu, "attempt": attempt}
     title = f"attempt {attempt} on GPU {gpu}: " + " ; ".join(commands)
     log = log_path(paths.state_dir, spec.uni_id)
-    log.parent.mkdir(parents=True, exist_ok=True)
+    private_dirs(log.parent)
     env = task_environment(spec, gpu, paths)
     log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:

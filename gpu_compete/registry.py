@@ -36,6 +36,14 @@ class RegistryWarning(UserWarning):
     pass
 
 
+def private_dirs(path: Path) -> None:
+    """Create `path` (and parents) readable by the user only: logs and records echo commands,
+    which may carry tokens. An existing directory keeps the mode it has."""
+    for directory in [*reversed(path.parents), path]:
+        if not directory.exists():
+            directory.mkdir(mode=0o700, exist_ok=True)
+
+
 def default_path() -> Path:
     return Path(os.environ.get(ENV_VAR) or DEFAULT_PATH)
 
@@ -93,7 +101,7 @@ class Registry:
         except OSError as exc:
             raise RegistryError(f"cannot read {self.path}: {exc.strerror or exc}") from None
         try:
-            obj = json.loads(data.decode("utf-8"))
+            obj = json.loads(data.decode("utf-8-sig"))  # a BOM from a Windows editor is fine
             if isinstance(obj, dict):
                 return obj
             problem = f"holds a JSON {type(obj).__name__}, not an object"
@@ -136,7 +144,7 @@ class Registry:
     def update(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Lock, read, let `change` edit the raw dict in place, write atomically. Returns it."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_dirs(self.path.parent)
             with self._lock:
                 data = self.read_raw()
                 change(data)
@@ -154,6 +162,7 @@ class Registry:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
+            _fsync_dir(self.path.parent)  # the rename itself survives a power cut
         except BaseException:
             try:
                 os.unlink(tmp)
@@ -187,6 +196,14 @@ class Registry:
                 data.pop(uni_id, None)
 
         self.update(change)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _now_iso() -> str:

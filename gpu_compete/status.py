@@ -26,7 +26,7 @@ def records_view(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for uid, record in sorted(records.items()):
         state = record.get("state")
-        alive = procs.liveness(record.get("pid"), record.get("create_time")) if state == "running" else "-"
+        alive = procs.liveness(record.get("pid"), record.get("create_time"))
         rows.append({"uni_id": uid, "state": state, "pid": record.get("pid"), "retry_count": record.get("retry_count"),
                      "error_type": record.get("error_type"), "alive": alive, "gpu": record.get("gpu"),
                      "retry_at": record.get("retry_at")})
