@@ -207,8 +207,7 @@ class Daemon:
             return False
 
     def _collect(self, now: float) -> None:
-        successes = {e["uni_id"] for e in self.history.new_entries() if e.get("state") == "normal_exit"}
-        self.journaled |= successes
+        successes = self._sync_history()
         running = [t for t in self.tasks.values() if t.state is TaskState.RUNNING]
         if not running:
             return
@@ -247,9 +246,18 @@ class Daemon:
                 self._failed(task, record.get("error_type") or "unknown", now)
             elif not self._record_alive(record or self.known.get(uid, {})):
                 self._lost(task, "its process died without recording how it ended", now)
+            elif record is None and uid in self.known:
+                missing[uid] = self.known[uid]
         if missing:
             log.warning("registry records vanished; writing them back", uni_ids=sorted(missing))
             self._registry_write(lambda data: [data.setdefault(u, r) for u, r in missing.items()])
+
+    def _sync_history(self) -> set[str]:
+        """uni_ids whose success lines appeared in the history since the last look."""
+        successes = {e["uni_id"] for e in self.history.new_entries()
+                     if e.get("state") == "normal_exit" and isinstance(e.get("uni_id"), str)}
+        self.journaled |= successes
+        return successes
 
     def _log_tail(self, uni_id: str) -> str:
         path = launcher.log_path(self.config.state_dir, uni_id)
@@ -263,6 +271,7 @@ class Daemon:
     def _completed(self, task: Task, record: dict[str, Any], now: float, exit_status: int = 0) -> None:
         uid = task.uni_id
         task.state, task.error_type = TaskState.COMPLETED, None
+        self._sync_history()  # the supervisor may have written its line since this round began
         if uid not in self.journaled:
             # The supervisor could not write it (or a wrapper said normal_exit itself).
             entry = {"uni_id": uid, "state": "normal_exit", "queue": task.spec.queue, "gpu": task.gpu,

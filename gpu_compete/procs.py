@@ -45,14 +45,15 @@ def is_alive(pid: object, recorded_create_time: object = None) -> bool:
 
 
 def signal_group(pgid: int, create_time_: float | None, sig: int) -> bool:
-    """Signal the process group that a process we started leads, if it still is that process.
+    """Signal the process group that a process we started leads, if it still is that process
+    (same pid and create time; with no create time to compare, nothing is signalled).
 
     The group leader may already have exited while its children live on; then the group id
     cannot have been handed to a new process (Linux never reuses a pid that still names a
     group), so signalling the group is still safe.
     """
     state = liveness(pgid, create_time_)
-    if state == "reused":
+    if state not in ("alive", "dead"):  # reused, or nothing recorded to check it against
         return False
     try:
         os.killpg(pgid, sig)
