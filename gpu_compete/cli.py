@@ -317,7 +317,8 @@ def gpus(gpu_scope: str, simulate: str | None, state_dir: str, as_json: bool) ->
 
 
 @main.command()
-@click.option("--state-dir", default="script_process", show_default=True, envvar="GPU_COMPETE_STATE_DIR")
+@click.option("--state-dir", default="script_process", show_default=True, envvar="GPU_COMPETE_STATE_DIR",
+              help="The daemon's state directory.")
 @click.option("--kill", is_flag=True, help="Also end the running tasks (SIGTERM, then SIGKILL after 10 s).")
 def stop(state_dir: str, kill: bool) -> None:
     """Ask the daemon on STATE_DIR to drain (start nothing new, wait for running tasks), or
@@ -347,7 +348,8 @@ def _env(name: str) -> str:
               help="all, or a comma list of NVML indices and/or UUIDs.")
 @click.option("--exclusive/--shared", default=True, show_default=True, envvar=_env("EXCLUSIVE"),
               help="Exclusive: one task per GPU, and none on a GPU where you already run something.")
-@click.option("--state-dir", default="script_process", show_default=True, envvar=_env("STATE_DIR"))
+@click.option("--state-dir", default="script_process", show_default=True, envvar=_env("STATE_DIR"),
+              help="Registry, task logs, history, status.json and the pid file.")
 @click.option("--registry", "registry_file", envvar=_env("REGISTRY"), type=click.Path(dir_okay=False),
               help="Registry file. [default: STATE_DIR/uni_id.json]")
 @click.option("--poll", default=5.0, type=SECONDS, show_default=True, envvar=_env("POLL"),
@@ -379,6 +381,8 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
 
     Exit status: 0 all completed, 1 some failed for good, 2 bad input, 130 stopped first.
     SIGINT/SIGTERM drain (a second one ends the tasks); SIGUSR1 prints status.
+    Every option can also be set in the environment as GPU_COMPETE_<NAME>, e.g.
+    GPU_COMPETE_POLL=0.5 or GPU_COMPETE_STATE_DIR=/scratch/me/state.
     """
     from .daemon import Config, Daemon, DaemonError
     from .logs import configure

@@ -74,3 +74,11 @@ def test_the_task_script_stops_at_the_first_failing_command(tmp_path):
     assert done.returncode == 7 and not marker.exists()
     script = build_script([f"cd {tmp_path}", "touch here"])
     assert subprocess.run(["bash", "-c", script], cwd="/").returncode == 0 and Path(tmp_path / "here").exists()
+
+
+def test_python_dash_m_runs_the_same_cli():
+    """`python -m gpu_compete` is the same program as the console script."""
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "gpu_compete", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("gpu-compete, version")
