@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Callable
 
 from filelock import FileLock
 
+from . import atomic
 from .tasks import is_safe_id
 
 STATES = ("running", "normal_exit", "abnormal_exit")
@@ -154,21 +154,7 @@ class Registry:
         return data
 
     def _write(self, data: dict[str, Any]) -> None:
-        payload = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(payload)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-            _fsync_dir(self.path.parent)  # the rename itself survives a power cut
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic.write(self.path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
     def set(self, uni_id: str, **fields: Any) -> dict[str, Any]:
         """Merge `fields` into one record (None deletes a field); other records untouched."""
@@ -196,14 +182,6 @@ class Registry:
                 data.pop(uni_id, None)
 
         self.update(change)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _now_iso() -> str:

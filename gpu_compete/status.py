@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import procs
+from . import atomic, procs
 from .policy import head, lease_active, queue_status
 from .tasks import GIB, TaskState
 
@@ -74,17 +73,7 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
 
 def write_json(path: Path, view: dict[str, Any]) -> None:
     """Atomically, so `gpu-compete status` never reads half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".status.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(view, fh, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic.write(path, json.dumps(view, indent=1).encode(), durable=False)
 
 
 def gb(value: Any) -> str:

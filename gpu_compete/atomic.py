@@ -1,0 +1,38 @@
+"""Whole-file writes that readers never see half done: temp file in the same directory,
+then `os.replace` over the target."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write(path: Path, payload: bytes, durable: bool = True) -> None:
+    """Replace `path` with `payload` (mode 0600). `durable` fsyncs the data and the rename,
+    for files whose loss matters (the registry); a status snapshot rewritten every round
+    skips that cost."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        if durable:
+            _fsync_dir(path.parent)  # the rename itself survives a power cut
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
