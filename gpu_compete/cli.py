@@ -42,11 +42,14 @@ SECONDS = Seconds()
 
 
 class DefaultGroup(click.Group):
-    """Runs `run` when the first argument is not a subcommand (`gpu-compete --commands f`)."""
+    """Runs `run` when the first argument is not a subcommand (`gpu-compete --commands f`), or
+    when there are no arguments and GPU_COMPETE_COMMANDS names the command file."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["run", *args]
+        elif not args and os.environ.get("GPU_COMPETE_COMMANDS"):
+            args = ["run"]
         return super().parse_args(ctx, args)
 
 

@@ -230,3 +230,30 @@ def test_bad_option_values_exit_2(tmp_path, option, value):
     result = subprocess.run(run.argv(option, value), capture_output=True, text=True, timeout=30)
     assert result.returncode == 2, result.stderr
     assert option in result.stderr or "poll" in result.stderr
+
+
+def test_options_can_come_from_the_environment(tmp_path):
+    """GPU_COMPETE_<NAME> sets an option: the whole run configured without flags."""
+    import os
+
+    run = DaemonRun(tmp_path, [("1", 1, "x", 0.1, "ok")], simulate="1x24")
+    env = dict(os.environ, GPU_COMPETE_COMMANDS=str(run.commands), GPU_COMPETE_SIMULATE="3x24",
+               GPU_COMPETE_STATE_DIR=str(run.state), GPU_COMPETE_WORK_DIR=str(tmp_path),
+               GPU_COMPETE_DRY_RUN="1", GPU_COMPETE_GPUS="2")
+    done = subprocess.run([console_script()], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "would start on GPU 2" in done.stdout
+    env["GPU_COMPETE_POLL"] = "soon"
+    bad = subprocess.run([console_script(), "run"], env=env, capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "poll" in bad.stderr
+
+
+def test_status_is_printed_every_status_every_seconds(tmp_path):
+    """--status-every S prints the status table periodically on stdout while tasks run."""
+    run = DaemonRun(tmp_path, [("1", 1, "x", 1.5, "ok")], simulate="1x24")
+    argv = run.argv()
+    argv[argv.index("--status-every") + 1] = "0.4"
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("QUEUE  STATUS") >= 3  # at least two while running, and the final one
+    assert "BUSY" in done.stdout and "DONE" in done.stdout
