@@ -35,10 +35,13 @@ class Seconds(click.ParamType):
             self.fail(f"{value!r} is not a number of seconds", param, ctx)
         if not math.isfinite(number) or number < 0:
             self.fail(f"{value!r} must be a finite number of seconds, 0 or more", param, ctx)
+        if number > MAX_SECONDS:
+            self.fail(f"{value!r} is more than a year ({MAX_SECONDS:.0f} s)", param, ctx)
         return number
 
 
 SECONDS = Seconds()
+MAX_SECONDS = 366 * 24 * 3600.0  # past this a clock or select() overflows; no one means it
 
 
 class DefaultGroup(click.Group):
@@ -407,14 +410,20 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
     try:
         daemon = Daemon(config, parsed.tasks, probe)
         if dry_run:
-            click.echo(daemon.dry_run())
+            try:
+                click.echo(daemon.dry_run())
+            except OSError as exc:
+                _fail(f"cannot read the state directory: {exc}")
             return
         try:
             daemon.acquire()
         except DaemonError as exc:
             _fail(str(exc))
         try:
-            daemon.resume()
+            try:
+                daemon.resume()
+            except DaemonError as exc:
+                _fail(str(exc))
             code = daemon.run()
         finally:
             daemon.release()

@@ -88,6 +88,7 @@ class Daemon:
         self.known: dict[str, dict[str, Any]] = {}  # last registry record we wrote or saw, per task
         self.history = journal.Tail(config.history)
         self.journaled: set[str] = set()  # uni_ids with a success line in the history
+        self._pending: list[Callable[[dict[str, Any]], Any]] = []  # registry changes not yet written
         self.snapshots: list[GpuSnapshot] = []
         self.draining = self.force = self.status_requested = False
         self.next_status = 0.0
@@ -133,7 +134,10 @@ class Daemon:
         """Reconcile with what an earlier daemon left: completed tasks from the history,
         live processes adopted, failures and backoffs carried on."""
         now, wall = self.clock(), self.wall()
-        self.journaled = journal.completed(self.config.history)
+        try:
+            self.journaled = journal.completed(self.config.history)
+        except OSError as exc:
+            raise DaemonError(f"cannot read {self.config.history}: {exc.strerror or exc}") from None
         done = set() if self.config.fresh else set(self.journaled)
         self.history.new_entries()  # start reading after what is already there
         try:
@@ -141,6 +145,9 @@ class Daemon:
         except RegistryError as exc:
             log.error("registry unreadable; starting without it", error=str(exc))
             records = {}
+        # Processes of our tasks still alive, found by their environment: the registry may have
+        # been damaged while no daemon watched, and a live task must never be started twice.
+        live = self._live_task_processes()
         stale = []
         for uid, task in self.tasks.items():
             record = records.get(uid)
@@ -150,37 +157,57 @@ class Daemon:
                     stale.append(uid)
                 continue
             if record is None:
+                if uid in live:
+                    self._adopt(task, live[uid], now)
                 continue
             self.known[uid] = record
+            task.retry_count = record["retry_count"]
+            if isinstance(record.get("gpu"), int) and not isinstance(record.get("gpu"), bool):
+                task.gpu = record["gpu"]
             state = record.get("state")
             if state == "running":
                 if self._record_alive(record):
-                    task.state, task.adopted = TaskState.RUNNING, True
-                    task.retry_count = record["retry_count"]
-                    task.gpu = record.get("gpu") if isinstance(record.get("gpu"), int) else None
-                    task.launched_at = now
-                    log.info("adopted running task", uni_id=uid, pid=record.get("pid"), gpu=task.gpu)
+                    self._adopt(task, record, now)
                 else:
-                    task.retry_count = record["retry_count"]
-                    self._failed(task, "lost", now, note="its process died while no daemon watched")
+                    self._lost(task, "its process died while no daemon watched", now)
             elif state == "normal_exit":
                 if not self.config.fresh:
                     self._completed(task, record, now)
             elif self.config.fresh:
                 continue
-            elif record.get("gave_up"):
-                task.state, task.retry_count = TaskState.FAILED, record["retry_count"]
-                task.error_type = record.get("error_type")
+            elif record.get("gave_up") is True:
+                task.state, task.error_type = TaskState.FAILED, record.get("error_type")
             elif "retry_at" in record:
-                task.state, task.retry_count = TaskState.RETRY, record["retry_count"]
-                task.error_type = record.get("error_type")
+                task.state, task.error_type = TaskState.RETRY, record.get("error_type")
                 at = _parse_iso(record["retry_at"])
                 task.retry_at = now + max(0.0, (at if at is not None else wall) - wall)
             else:
-                task.retry_count = record["retry_count"]
                 self._failed(task, record.get("error_type") or "unknown", now)
         if stale:
             self._registry_write(lambda data: [data.pop(u, None) for u in stale])
+
+    def _live_task_processes(self) -> dict[str, dict[str, Any]]:
+        """{uni_id: {pid, create_time, gpu}} of the oldest live process carrying one of our
+        task ids and our namespace in its environment."""
+        found: dict[str, dict[str, Any]] = {}
+        for proc, env in procs.scan_env(**{NAMESPACE_ENV: str(self.config.state_dir)}):
+            uid = env.get("GPU_COMPETE_UNI_ID")
+            try:
+                ct = proc.create_time()
+            except psutil.Error:
+                continue
+            if uid in self.tasks and (uid not in found or ct < found[uid]["create_time"]):
+                gpu = env.get("CUDA_VISIBLE_DEVICES", "")
+                found[uid] = {"pid": proc.pid, "create_time": ct, "gpu": int(gpu) if gpu.isdigit() else None}
+        return found
+
+    def _adopt(self, task: Task, record: dict[str, Any], now: float) -> None:
+        """Wait on a task an earlier daemon started, rather than start it again."""
+        task.state, task.adopted, task.launched_at = TaskState.RUNNING, True, now
+        if isinstance(record.get("gpu"), int):
+            task.gpu = record["gpu"]
+        self.known.setdefault(task.uni_id, {}).update({k: v for k, v in record.items() if k != "gpu"})
+        log.info("adopted running task", uni_id=task.uni_id, pid=record.get("pid"), gpu=task.gpu)
 
     def _record_alive(self, record: dict[str, Any]) -> bool:
         if procs.liveness(record.get("supervisor_pid"), record.get("supervisor_create_time")) == "alive":
@@ -191,6 +218,8 @@ class Daemon:
 
     def tick(self) -> None:
         now = self.clock()
+        if self._pending:
+            self._registry_write(lambda data: None)  # retry what a failing disk refused before
         self._collect(now)
         self.snapshots = self.probe.snapshot()
         self._confirm(now)
@@ -199,12 +228,25 @@ class Daemon:
         self._write_status()
 
     def _registry_write(self, change: Callable[[dict[str, Any]], Any]) -> bool:
+        """Apply `change` to the registry. On failure (full disk, no permission) it is kept and
+        applied, in order, with the next write that works: what the daemon knows is never lost,
+        and running tasks are never stopped for it."""
+        self._pending.append(change)
+
+        def apply_all(data: dict[str, Any]) -> None:
+            for pending in self._pending:
+                pending(data)
+
         try:
-            self.registry.update(change)
-            return True
+            self.registry.update(apply_all)
         except RegistryError as exc:
-            log.error("cannot write the registry; running tasks go on", error=str(exc))
+            log.error("cannot write the registry; running tasks go on", error=str(exc),
+                      pending_changes=len(self._pending), retry="each round")
             return False
+        if len(self._pending) > 1:
+            log.info("registry writable again; pending changes written", count=len(self._pending) - 1)
+        self._pending.clear()
+        return True
 
     def _collect(self, now: float) -> None:
         successes = self._sync_history()
@@ -253,10 +295,18 @@ class Daemon:
             self._registry_write(lambda data: [data.setdefault(u, r) for u, r in missing.items()])
 
     def _sync_history(self) -> set[str]:
-        """uni_ids whose success lines appeared in the history since the last look."""
+        """uni_ids whose success lines appeared in the history since the last look. A task we
+        did not think was running (an orphan of an earlier daemon finished) is completed too:
+        a success in the history is never run again."""
         successes = {e["uni_id"] for e in self.history.new_entries()
                      if e.get("state") == "normal_exit" and isinstance(e.get("uni_id"), str)}
         self.journaled |= successes
+        for uid in successes:
+            task = self.tasks.get(uid)
+            if task is not None and task.state in (TaskState.PENDING, TaskState.RETRY):
+                log.warning("a success was recorded for a task not known to run; counting it", uni_id=uid)
+                task.state = TaskState.COMPLETED
+                self._registry_write(lambda data, uid=uid: data.pop(uid, None))
         return successes
 
     def _log_tail(self, uni_id: str) -> str:
@@ -292,7 +342,7 @@ class Daemon:
         # namespace in its environment (the supervisor may have died before recording).
         record = self.known.get(task.uni_id, {})
         pgid, ct = record.get("pgid"), record.get("create_time")
-        if isinstance(pgid, int) and pgid > 0 and procs.group_alive(pgid):
+        if procs.is_pid(pgid) and procs.group_alive(pgid):
             procs.signal_group(pgid, ct if record.get("pid") == pgid else None, signal.SIGKILL)
         procs.kill_all(procs.processes_with_env(GPU_COMPETE_UNI_ID=task.uni_id,
                                                 **{NAMESPACE_ENV: str(self.config.state_dir)}))
@@ -392,8 +442,10 @@ class Daemon:
 
         def change(data: dict[str, Any]) -> None:
             old = data.get(uid) if isinstance(data.get(uid), dict) else {}
+            # Fields of the previous attempt go; its process group above all, which must never
+            # be taken for this attempt's.
             record = {k: v for k, v in old.items() if k not in ("error_type", "retry_at", "gave_up", "exit_status",
-                                                                "ended_at")}
+                                                                "ended_at", "pgid", "exec_pid")}
             # The supervisor may have recorded its worker's pid already; that one stays.
             if not (record.get("state") == "running" and record.get("exec_pid") == child.pid):
                 record.update(pid=child.pid, create_time=ct)
@@ -551,13 +603,13 @@ class Daemon:
         for task in running:
             record = self.known.get(task.uni_id, {})
             sup, sup_ct = record.get("supervisor_pid"), record.get("supervisor_create_time")
-            if isinstance(sup, int) and procs.liveness(sup, sup_ct) == "alive":
+            if procs.is_pid(sup) and procs.liveness(sup, sup_ct) == "alive":
                 try:
                     os.kill(sup, signal.SIGTERM)  # the supervisor forwards it to the task's group
                 except ProcessLookupError:
                     pass
             pgid = record.get("pgid")
-            groups += [g for g in (sup, pgid) if isinstance(g, int) and g > 0]
+            groups += [g for g in (sup, pgid) if procs.is_pid(g)]
         deadline = self.clock() + self.config.kill_grace
         while self.clock() < deadline and any(procs.group_alive(g) for g in groups):
             for child in self.children.values():
@@ -568,7 +620,7 @@ class Daemon:
             for g, ct in ((record.get("supervisor_pid"), record.get("supervisor_create_time")),
                           (record.get("pgid"), record.get("create_time") if record.get("pid") == record.get("pgid")
                            else None)):
-                if isinstance(g, int) and g > 0 and procs.group_alive(g):
+                if procs.is_pid(g) and procs.group_alive(g):
                     procs.signal_group(g, ct, signal.SIGKILL)
         for child in self.children.values():
             child.wait(timeout=5)

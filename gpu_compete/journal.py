@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,6 +26,8 @@ def append(path: str | os.PathLike[str], entry: dict[str, Any]) -> None:
 
 
 def entries(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Every readable line; a missing file has none. Other OSErrors (a directory in its place,
+    a failing disk) propagate: the caller decides whether that is fatal."""
     try:
         with open(path, "rb") as fh:
             for raw in fh:
@@ -56,6 +59,9 @@ class Tail:
                 fh.seek(self.offset)
                 data = fh.read()
         except FileNotFoundError:
+            return []
+        except OSError as exc:  # read again next round, from the same place
+            warnings.warn(f"cannot read {self.path}: {exc.strerror or exc}", stacklevel=2)
             return []
         end = data.rfind(b"\n") + 1  # leave a line still being written for next time
         self.offset += end

@@ -16,6 +16,11 @@ import psutil
 _TOLERANCE_S = 0.05
 
 
+def is_pid(value: object) -> bool:
+    """A plausible pid: an int (not a bool) above 1 (never init, never 'all processes')."""
+    return type(value) is int and value > 1
+
+
 def create_time(pid: int) -> float | None:
     try:
         return psutil.Process(pid).create_time()
@@ -26,7 +31,7 @@ def create_time(pid: int) -> float | None:
 def liveness(pid: object, recorded_create_time: object = None) -> str:
     """`alive`, `dead`, `reused` (pid exists but is another process) or `unverified`
     (exists, no create time recorded to compare, as with legacy bare-pid records)."""
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+    if not is_pid(pid):
         return "dead"
     try:
         proc = psutil.Process(pid)
@@ -52,8 +57,10 @@ def signal_group(pgid: int, create_time_: float | None, sig: int) -> bool:
     cannot have been handed to a new process (Linux never reuses a pid that still names a
     group), so signalling the group is still safe.
     """
+    if not is_pid(pgid) or not isinstance(create_time_, (int, float)) or isinstance(create_time_, bool):
+        return False  # nothing recorded to check the leader against
     state = liveness(pgid, create_time_)
-    if state not in ("alive", "dead"):  # reused, or nothing recorded to check it against
+    if state not in ("alive", "dead"):
         return False
     try:
         os.killpg(pgid, sig)
@@ -73,20 +80,26 @@ def group_alive(pgid: int) -> bool:
         return True
 
 
-def processes_with_env(**wanted: str) -> list[psutil.Process]:
-    """Our user's processes whose environment holds every `NAME=value` in `wanted`: the
-    leftovers of a task whose supervisor died before it could say where they were."""
+def scan_env(**wanted: str) -> list[tuple[psutil.Process, dict[str, str]]]:
+    """Our user's live processes whose environment (as they were started with it) holds every
+    `NAME=value` in `wanted`, with that environment."""
     found = []
-    for proc in psutil.process_iter(["uids"]):
+    for proc in psutil.process_iter(["uids", "status"]):
         try:
-            if proc.info["uids"] is None or proc.info["uids"].real != os.getuid():
+            if (proc.info["uids"] is None or proc.info["uids"].real != os.getuid()
+                    or proc.info["status"] == psutil.STATUS_ZOMBIE):
                 continue
             env = proc.environ()
         except (psutil.Error, OSError):
             continue
         if all(env.get(k) == v for k, v in wanted.items()):
-            found.append(proc)
+            found.append((proc, env))
     return found
+
+
+def processes_with_env(**wanted: str) -> list[psutil.Process]:
+    """The leftovers of a task whose supervisor died before it could say where they were."""
+    return [proc for proc, _ in scan_env(**wanted)]
 
 
 def kill_all(processes: list[psutil.Process]) -> None:

@@ -181,8 +181,11 @@ def run(cmd: list[str], uni_id: str, registry: Registry | str | os.PathLike[str]
         log.close()
     if history and state == "normal_exit":
         # Durable before the registry says so: a crash between the two can't lose a success.
-        journal.append(history, {"uni_id": uni_id, "state": state, "exit_status": returncode,
-                                 "start": _iso(started), "end": _now(), **(meta or {})})
+        try:
+            journal.append(history, {"uni_id": uni_id, "state": state, "exit_status": returncode,
+                                     "start": _iso(started), "end": _now(), **(meta or {})})
+        except OSError as exc:  # the registry still says normal_exit; the daemon writes the line later
+            _warn(f"could not append to {history}: {exc.strerror or exc}")
     _record(registry, uni_id, state=state, error_type=error_type, exit_status=returncode, ended_at=_now())
     # Only now: a signal arriving while the final state is written must not kill us before it is.
     for sig, handler in previous.items():
