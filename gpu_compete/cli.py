@@ -259,7 +259,7 @@ def status(state_dir: str, registry_file: str | None, as_json: bool) -> None:
     """Show a daemon's queues and GPUs (from STATE_DIR/status.json) and every registry record,
     with whether its pid is alive."""
     from . import status as status_mod
-    from .daemon import running_daemon
+    from .pidfile import running_daemon
     from .registry import ENV_VAR, Registry, RegistryError
 
     state = _state_dir(state_dir)
@@ -329,7 +329,7 @@ def gpus(gpu_scope: str, simulate: str | None, state_dir: str, as_json: bool) ->
 def stop(state_dir: str, kill: bool) -> None:
     """Ask the daemon on STATE_DIR to drain (start nothing new, wait for running tasks), or
     with --kill to end its tasks' process groups so that a restart runs them again."""
-    from .daemon import running_daemon
+    from .pidfile import running_daemon
 
     state = _state_dir(state_dir)
     info = running_daemon(state)

@@ -7,8 +7,6 @@ and write `status.json`. Signal handlers only set flags; the loop acts on them.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import random
 import select
@@ -21,11 +19,11 @@ from typing import Any, Callable
 import psutil
 import structlog
 
-from . import journal, launcher, procs, status
+from . import journal, launcher, pidfile, procs, status
 from .classify import classify
 from .gpus.base import GpuProbe, GpuSnapshot, current_user
 from .gpus.simulated import NAMESPACE_ENV
-from .policy import (Placement, RetryPolicy, build_views, candidates, fits, lease_active, plan_round,
+from .policy import (Placement, RetryPolicy, build_views, candidates, lease_active, plan_round,
                      queue_status)
 from .registry import Registry, RegistryError, private_dirs
 from .tasks import Queue, Task, TaskSpec, TaskState, group_queues
@@ -103,32 +101,17 @@ class Daemon:
             private_dirs(self.config.state_dir / "logs")
         except OSError as exc:
             raise DaemonError(f"cannot use state directory {self.config.state_dir}: {exc.strerror or exc}") from None
-        path = self.config.state_dir / "daemon.pid"
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._pidfile_fd = pidfile.acquire(self.config.state_dir)
+        except pidfile.PidFileBusy as exc:
+            raise DaemonError(str(exc)) from None
         except OSError as exc:
-            raise DaemonError(f"cannot create {path}: {exc.strerror or exc}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = read_pidfile(self.config.state_dir)
-            os.close(fd)
-            who = f" (pid {other['pid']})" if other else ""
-            raise DaemonError(f"another gpu-compete daemon{who} is running on {self.config.state_dir}; "
-                              f"stop it with `gpu-compete stop --state-dir {self.config.state_dir}`") from None
-        me = psutil.Process()
-        info = {"pid": me.pid, "create_time": me.create_time(), "started_at": _iso(self.wall())}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        self._pidfile_fd = fd
+            raise DaemonError(f"cannot create {self.config.state_dir / pidfile.NAME}: {exc.strerror or exc}") from None
 
     def release(self) -> None:
         if self._pidfile_fd is not None:
-            try:
-                os.ftruncate(self._pidfile_fd, 0)
-            finally:
-                os.close(self._pidfile_fd)
-                self._pidfile_fd = None
+            pidfile.release(self._pidfile_fd)
+            self._pidfile_fd = None
 
     def resume(self) -> None:
         """Reconcile with what an earlier daemon left: completed tasks from the history,
@@ -464,25 +447,8 @@ class Daemon:
         self.resume_view_only()
         self.snapshots = self.probe.snapshot()
         views = build_views(self.snapshots, [], self.user)
-        plan = {l.uni_id: l.gpu for l in plan_round(candidates(self.queues, now), views, self.rng,
-                                                    self.config.exclusive, self.config.pick)}
-        lines = [f"dry run: {len(self.tasks)} tasks in {len(self.queues)} queues, "
-                 f"{'exclusive' if self.config.exclusive else 'shared'} mode; nothing is launched"]
-        for v in views:
-            eligible = [f"{t.spec.vram_gb:g}GB" for t in self.tasks.values()
-                        if fits(v, t.spec.vram_bytes, self.config.exclusive)]
-            why = "eligible now" if eligible else "not eligible now"
-            lines.append(f"  GPU {v.index}: free {status.gb(v.free_bytes)} GB, {why}"
-                         + ("" if v.available else " (unavailable)")
-                         + (", has your processes" if v.user_busy else ""))
-        for name, queue in self.queues.items():
-            lines.append(f"queue {name}:")
-            for task in queue:
-                where = plan.get(task.uni_id)
-                tag = task.state.value if where is None else f"would start on GPU {where}"
-                lines.append(f"  {task.uni_id}  {task.spec.vram_gb:g} GB  [{tag}]")
-                lines += [f"      $ {c}" for c in task.spec.expanded(str(self.config.work_dir), where)]
-        return "\n".join(lines)
+        plan = plan_round(candidates(self.queues, now), views, self.rng, self.config.exclusive, self.config.pick)
+        return status.render_dry_run(self, views, {launch.uni_id: launch.gpu for launch in plan})
 
     def resume_view_only(self) -> None:
         """Mark tasks the history says are completed, without touching any file."""
@@ -647,19 +613,3 @@ def _children_map() -> dict[int, list[int]]:
     for proc in psutil.process_iter(["ppid"]):
         children.setdefault(proc.info["ppid"], []).append(proc.pid)
     return children
-
-
-def read_pidfile(state_dir: Path) -> dict[str, Any] | None:
-    try:
-        info = json.loads((state_dir / "daemon.pid").read_text())
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) and isinstance(info.get("pid"), int) else None
-
-
-def running_daemon(state_dir: Path) -> dict[str, Any] | None:
-    """The live daemon on `state_dir`, checked by pid and create time, or None."""
-    info = read_pidfile(state_dir)
-    if info and procs.liveness(info["pid"], info.get("create_time")) == "alive":
-        return info
-    return None

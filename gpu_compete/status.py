@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import atomic, procs
-from .policy import head, lease_active, queue_status
+from .policy import GpuView, fits, head, lease_active, queue_status
 from .tasks import GIB, TaskState
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,6 +69,25 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
                    "mode": "exclusive" if daemon.config.exclusive else "shared"},
         "totals": totals, "queues": queues, "gpus": gpus, "registry": records_view(records),
     }
+
+
+def render_dry_run(daemon: "Daemon", views: list[GpuView], plan: dict[str, int]) -> str:
+    """What `run --dry-run` prints: eligible GPUs, then every queue with where its head would go."""
+    exclusive = daemon.config.exclusive
+    lines = [f"dry run: {len(daemon.tasks)} tasks in {len(daemon.queues)} queues, "
+             f"{'exclusive' if exclusive else 'shared'} mode; nothing is launched"]
+    for v in views:
+        eligible = any(fits(v, t.spec.vram_bytes, exclusive) for t in daemon.tasks.values())
+        lines.append(f"  GPU {v.index}: free {gb(v.free_bytes)} GB, {'eligible' if eligible else 'not eligible'} now"
+                     + ("" if v.available else " (unavailable)") + (", has your processes" if v.user_busy else ""))
+    for name, queue in daemon.queues.items():
+        lines.append(f"queue {name}:")
+        for task in queue:
+            where = plan.get(task.uni_id)
+            tag = task.state.value if where is None else f"would start on GPU {where}"
+            lines.append(f"  {task.uni_id}  {task.spec.vram_gb:g} GB  [{tag}]")
+            lines += [f"      $ {c}" for c in task.spec.expanded(str(daemon.config.work_dir), where)]
+    return "\n".join(lines)
 
 
 def write_json(path: Path, view: dict[str, Any]) -> None:
