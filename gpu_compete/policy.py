@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 from .gpus.base import GpuSnapshot
 from .tasks import Queue, Task, TaskState
@@ -34,8 +34,9 @@ def queue_status(queue: Queue) -> str:
     return "IDLE" if task.state is TaskState.PENDING else "BUSY"
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):
+    """A head that may start now (a tuple: thousands are made every round)."""
+
     uni_id: str
     queue: str
     vram_bytes: int
@@ -52,7 +53,7 @@ def candidates(queues: dict[str, Queue], now: float) -> list[Candidate]:
             continue
         due = task.state is TaskState.PENDING or (task.state is TaskState.RETRY and task.retry_at <= now)
         if due:
-            out.append(Candidate(task.uni_id, name, task.spec.vram_bytes, queue.remaining()))
+            out.append(Candidate(task.spec.uni_id, name, task.spec.vram_bytes, queue.remaining()))
     return out
 
 

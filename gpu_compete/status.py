@@ -92,7 +92,7 @@ def render_dry_run(daemon: "Daemon", views: list[GpuView], plan: dict[str, int])
 
 def write_json(path: Path, view: dict[str, Any]) -> None:
     """Atomically, so `gpu-compete status` never reads half a file."""
-    atomic.write(path, json.dumps(view, indent=1).encode(), durable=False)
+    atomic.write(path, json.dumps(view, separators=(",", ":")).encode(), durable=False)  # C encoder
 
 
 def gb(value: Any) -> str:

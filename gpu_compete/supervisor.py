@@ -6,7 +6,7 @@ terminal (and a log), and when CMD ends writes the final state itself. Because t
 state is written here and not by the daemon, a task keeps its outcome even while no daemon
 runs (a daemon restarted later adopts it and reads what was written).
 
-CMD is started before anything heavy (psutil, filelock) is imported: every task's start
+CMD is started before anything heavy (psutil, the registry) is imported: every task's start
 waits for this module, and the gap between two tasks on a GPU is what the daemon is judged on.
 """
 

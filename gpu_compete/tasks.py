@@ -6,6 +6,7 @@ Nothing here touches processes or files; the daemon keeps the mutable run state 
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ class TaskSpec:
         if not self.uni_id:
             object.__setattr__(self, "uni_id", make_uni_id(self.queue, self.position, self.commands))
 
-    @property
+    @functools.cached_property
     def vram_bytes(self) -> int:
         return int(self.vram_gb * GIB)
 
@@ -156,6 +157,6 @@ class Queue(list):
         return self[self._cursor] if self._cursor < len(self) else None
 
     def remaining(self) -> int:
-        """Tasks from the head on (one completed out of order further back still counts)."""
-        self.head()
+        """Tasks from the head on (one completed out of order further back still counts);
+        call after head(), which moves the cursor."""
         return len(self) - self._cursor

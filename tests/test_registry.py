@@ -406,7 +406,7 @@ def test_recorded_create_time_matches_liveness(tmp_path: Path) -> None:
 # --- on-disk format ----------------------------------------------------------------------------
 
 def test_written_file_is_indented_json_with_mode_0600(tmp_path: Path) -> None:
-    """The registry is indented JSON that plain json.load reads, its file mode is 0o600, and the sidecar lock file is kept."""
+    """The registry is indented JSON (one record a line) that plain json.load reads, its file mode is 0o600, and the sidecar lock file is kept."""
     path = tmp_path / "script_process" / "uni_id.json"
     old_umask = os.umask(0o022)
     try:
@@ -416,8 +416,8 @@ def test_written_file_is_indented_json_with_mode_0600(tmp_path: Path) -> None:
     finally:
         os.umask(old_umask)
     text = path.read_text()
-    assert text.startswith("{\n  \"")
-    assert "\n    \"pid\": " in text
+    assert text.startswith("{\n  \"exp1\": {")
+    assert [line.split(":")[0] for line in text.splitlines()[1:3]] == ['  "exp1"', '  "exp2"']
     with open(path) as fh:
         data = json.load(fh)
     assert data["exp1"] == {**data["exp1"], "pid": os.getpid(), "state": "running", "retry_count": 3}
@@ -429,3 +429,20 @@ def test_written_file_is_indented_json_with_mode_0600(tmp_path: Path) -> None:
     assert read_json(path) == {}
     assert lock.exists()  # never deleted
     assert sorted(p.name for p in path.parent.iterdir()) == ["uni_id.json", "uni_id.json.lock"]
+
+
+def test_every_change_reaches_the_file_whatever_was_cached(tmp_path: Path) -> None:
+    """Updates that change one record among many, or a record in place, are all on disk; another
+    writer's file (same inode trick impossible: a rename) is read afresh, not taken from cache."""
+    path = tmp_path / "uni_id.json"
+    mine, theirs = Registry(path), Registry(path)
+    for i in range(50):
+        mine.set(f"t{i}", pid=1000 + i, state="running", retry_count=0)
+    mine.set("t7", retry_count=2)
+    mine.update(lambda data: data["t8"].update(state="abnormal_exit", error_type="oom"))
+    theirs.set("t9", state="normal_exit")
+    mine.set("t10", retry_count=5)
+    on_disk = json.loads(path.read_text())
+    assert on_disk["t7"]["retry_count"] == 2 and on_disk["t8"]["error_type"] == "oom"
+    assert on_disk["t9"]["state"] == "normal_exit" and on_disk["t10"]["retry_count"] == 5
+    assert len(on_disk) == 50 and mine.read() == theirs.read()
