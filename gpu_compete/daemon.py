@@ -31,6 +31,8 @@ from .tasks import Queue, Task, TaskSpec, TaskState, group_queues
 log = structlog.get_logger("gpu_compete")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 130
+# What a record says of one attempt, dropped when the next attempt starts.
+_ATTEMPT_FIELDS = ("error_type", "retry_at", "gave_up", "exit_status", "ended_at", "pgid", "exec_pid")
 
 
 class DaemonError(Exception):
@@ -86,6 +88,8 @@ class Daemon:
         self.known: dict[str, dict[str, Any]] = {}  # last registry record we wrote or saw, per task
         self.history = journal.Tail(config.history)
         self.journaled: set[str] = set()  # uni_ids with a success line in the history
+        self._unjournaled: dict[str, dict[str, Any]] = {}  # success lines the disk refused so far
+        self._problems: dict[str, str] = {}  # what is failing now, reported once, not every round
         self._pending: list[Callable[[dict[str, Any]], Any]] = []  # registry changes not yet written
         self.snapshots: list[GpuSnapshot] = []
         self.draining = self.force = self.status_requested = False
@@ -99,6 +103,7 @@ class Daemon:
         """Take the state directory: a lock held for the daemon's life, and `daemon.pid`."""
         try:
             private_dirs(self.config.state_dir / "logs")
+            private_dirs(self.config.registry.parent)
         except OSError as exc:
             raise DaemonError(f"cannot use state directory {self.config.state_dir}: {exc.strerror or exc}") from None
         try:
@@ -195,12 +200,15 @@ class Daemon:
     def _record_alive(self, record: dict[str, Any]) -> bool:
         if procs.liveness(record.get("supervisor_pid"), record.get("supervisor_create_time")) == "alive":
             return True
-        return procs.is_alive(record.get("pid"), record.get("create_time"))
+        # Only a verified identity: a record with no create time may name anyone's process now.
+        return procs.liveness(record.get("pid"), record.get("create_time")) == "alive"
 
     # --- one round -------------------------------------------------------------------------
 
     def tick(self) -> None:
         now = self.clock()
+        if self._unjournaled:
+            self._write_history()
         if self._pending:
             self._registry_write(lambda data: None)  # retry what a failing disk refused before
         self._collect(now)
@@ -223,13 +231,25 @@ class Daemon:
         try:
             self.registry.update(apply_all)
         except RegistryError as exc:
-            log.error("cannot write the registry; running tasks go on", error=str(exc),
-                      pending_changes=len(self._pending), retry="each round")
+            self._report("registry", "cannot write the registry; running tasks go on", exc)
             return False
-        if len(self._pending) > 1:
-            log.info("registry writable again; pending changes written", count=len(self._pending) - 1)
         self._pending.clear()
+        self._report("registry")
         return True
+
+    def _report(self, what: str, message: str | None = None, error: object = None) -> None:
+        """Log a failing write once when it starts failing (or fails differently) and once when
+        it works again, not every round (a full disk at --poll 0.2 would log five a second)."""
+        before = self._problems.get(what)
+        if message is None:
+            if before is not None:
+                del self._problems[what]
+                log.info(f"{what} writable again")
+            return
+        problem = f"{message}: {error}"
+        if problem != before:
+            self._problems[what] = problem
+            log.error(message, error=str(error), retry="each round")
 
     def _collect(self, now: float) -> None:
         successes = self._sync_history()
@@ -310,14 +330,28 @@ class Daemon:
             entry = {"uni_id": uid, "state": "normal_exit", "queue": task.spec.queue, "gpu": task.gpu,
                      "attempt": task.retry_count + 1, "exit_status": exit_status,
                      "start": record.get("started_at"), "end": _iso(self.wall()), "by": "daemon"}
-            try:
-                journal.append(self.config.history, entry)
-                self.journaled.add(uid)
-            except OSError as exc:
-                log.error("cannot append to the history", error=str(exc))
-        self._registry_write(lambda data: data.pop(uid, None))
+            self._unjournaled[uid] = entry
+        self._write_history()
+        if uid not in self._unjournaled:
+            self._registry_write(lambda data: data.pop(uid, None))
         self.known.pop(uid, None)
         log.info("task completed", uni_id=uid, queue=task.spec.queue, gpu=task.gpu)
+
+    def _write_history(self) -> None:
+        """Append the success lines not yet written; each task's record leaves the registry only
+        once its line is in the history, so a full disk cannot make a success be forgotten
+        (a restart finds the normal_exit record and writes the line then)."""
+        for uid, entry in list(self._unjournaled.items()):
+            try:
+                journal.append(self.config.history, entry)
+            except OSError as exc:
+                self._report("history", "cannot append to the history", exc)
+                return
+            del self._unjournaled[uid]
+            self.journaled.add(uid)
+            if entry is not None:
+                self._registry_write(lambda data, uid=uid: data.pop(uid, None))
+        self._report("history")
 
     def _lost(self, task: Task, why: str, now: float) -> None:
         # Whatever the supervisor left behind is ended before the task runs again: its
@@ -425,14 +459,15 @@ class Daemon:
 
         def change(data: dict[str, Any]) -> None:
             old = data.get(uid) if isinstance(data.get(uid), dict) else {}
-            # Fields of the previous attempt go; its process group above all, which must never
-            # be taken for this attempt's.
-            record = {k: v for k, v in old.items() if k not in ("error_type", "retry_at", "gave_up", "exit_status",
-                                                                "ended_at", "pgid", "exec_pid")}
-            # The supervisor may have recorded its worker's pid already; that one stays.
-            if not (record.get("state") == "running" and record.get("exec_pid") == child.pid):
-                record.update(pid=child.pid, create_time=ct)
-            record.update(fields)
+            if old.get("exec_pid") == child.pid:
+                # This attempt's supervisor wrote first (a fast task may even have ended): what
+                # it recorded (worker pid, group, final state, error type) stays.
+                record = {**old, **{k: v for k, v in fields.items() if k != "state"}}
+            else:
+                # Fields of the previous attempt go; its process group above all, which must
+                # never be taken for this attempt's.
+                record = {k: v for k, v in old.items() if k not in _ATTEMPT_FIELDS}
+                record.update(fields, pid=child.pid, create_time=ct)
             data[uid] = record
             self.known[uid] = dict(record)
 
@@ -468,7 +503,9 @@ class Daemon:
         try:
             status.write_json(self.config.state_dir / "status.json", self.view())
         except OSError as exc:
-            log.warning("cannot write status.json", error=str(exc))
+            self._report("status.json", "cannot write status.json", exc)
+        else:
+            self._report("status.json")
 
     # --- the loop --------------------------------------------------------------------------
 

@@ -43,6 +43,8 @@ def private_dirs(path: Path) -> None:
     for directory in [*reversed(path.parents), path]:
         if not directory.exists():
             directory.mkdir(mode=0o700, exist_ok=True)
+        elif not directory.is_dir():
+            raise NotADirectoryError(f"Not a directory: {directory} is a file")
 
 
 def default_path() -> Path:

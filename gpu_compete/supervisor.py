@@ -111,7 +111,7 @@ def run(cmd: list[str], uni_id: str, registry: Registry | str | os.PathLike[str]
     """Run CMD to its end and record it; `registry` may be a path, opened once CMD runs."""
     log: IO[bytes] | None = None
     if log_path:
-        os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+        os.makedirs(os.path.dirname(log_path) or ".", mode=0o700, exist_ok=True)
         log = open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab", buffering=0)
         what = title or " ".join(cmd)
         log.write(f"==== {_now()} start {uni_id} (supervisor {os.getpid()}): {what}\n".encode())
