@@ -93,6 +93,10 @@ def start(spec: TaskSpec, gpu: int, attempt: int, paths: LaunchPaths) -> Child:
     needs is imported already, so a task starts in milliseconds and eight tasks ending at
     once don't queue behind eight Python start-ups. It runs the same code as `gpu-compete
     exec` and writes the task's final state itself, so it outlives a daemon that dies.
+
+    Forking is safe because the daemon is single-threaded (no lock can be held by another
+    thread at the fork); keep it that way, or switch to spawning `python -m
+    gpu_compete.supervisor`, which takes the same arguments.
     """
     commands = spec.expanded(str(paths.work_dir), gpu)
     script = build_script(commands)
