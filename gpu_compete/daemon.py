@@ -349,18 +349,14 @@ class Daemon:
                 return
             del self._unjournaled[uid]
             self.journaled.add(uid)
-            if entry is not None:
-                self._registry_write(lambda data, uid=uid: data.pop(uid, None))
+            self._registry_write(lambda data, uid=uid: data.pop(uid, None))
         self._report("history")
 
     def _lost(self, task: Task, why: str, now: float) -> None:
         # Whatever the supervisor left behind is ended before the task runs again: its
         # recorded process group, and any process still carrying this task's id and our
         # namespace in its environment (the supervisor may have died before recording).
-        record = self.known.get(task.uni_id, {})
-        pgid, ct = record.get("pgid"), record.get("create_time")
-        if procs.is_pid(pgid) and procs.group_alive(pgid):
-            procs.signal_group(pgid, ct if record.get("pid") == pgid else None, signal.SIGKILL)
+        procs.signal_group(*_worker_group(self.known.get(task.uni_id, {})), signal.SIGKILL)
         procs.kill_all(procs.processes_with_env(GPU_COMPETE_UNI_ID=task.uni_id,
                                                 **{NAMESPACE_ENV: str(self.config.state_dir)}))
         self._failed(task, "lost", now, note=why)
@@ -620,11 +616,8 @@ class Daemon:
             time.sleep(0.05)
         for task in running:
             record = self.known.get(task.uni_id, {})
-            for g, ct in ((record.get("supervisor_pid"), record.get("supervisor_create_time")),
-                          (record.get("pgid"), record.get("create_time") if record.get("pid") == record.get("pgid")
-                           else None)):
-                if procs.is_pid(g) and procs.group_alive(g):
-                    procs.signal_group(g, ct, signal.SIGKILL)
+            procs.signal_group(record.get("supervisor_pid"), record.get("supervisor_create_time"), signal.SIGKILL)
+            procs.signal_group(*_worker_group(record), signal.SIGKILL)
         for child in self.children.values():
             child.wait(timeout=5)
         self.children.clear()
@@ -643,6 +636,13 @@ class Daemon:
         self._registry_write(change)
         for task in running:
             task.state, task.retry_at, task.error_type = TaskState.RETRY, 0.0, "stopped"
+
+
+def _worker_group(record: dict[str, Any]) -> tuple[Any, Any]:
+    """The process group the task's worker leads, with the leader's recorded create time (None,
+    so nothing is signalled, when the record doesn't say the leader is its worker)."""
+    pgid = record.get("pgid")
+    return pgid, record.get("create_time") if record.get("pid") == pgid else None
 
 
 def _children_map() -> dict[int, list[int]]:

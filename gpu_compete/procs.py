@@ -49,7 +49,7 @@ def is_alive(pid: object, recorded_create_time: object = None) -> bool:
     return liveness(pid, recorded_create_time) in ("alive", "unverified")
 
 
-def signal_group(pgid: int, create_time_: float | None, sig: int) -> bool:
+def signal_group(pgid: object, create_time_: object, sig: int) -> bool:
     """Signal the process group that a process we started leads, if it still is that process
     (same pid and create time; with no create time to compare, nothing is signalled).
 

@@ -40,6 +40,8 @@ class RegistryWarning(UserWarning):
 def private_dirs(path: Path) -> None:
     """Create `path` (and parents) readable by the user only: logs and records echo commands,
     which may carry tokens. An existing directory keeps the mode it has."""
+    if path.is_dir():  # the common case, on every registry write: one stat
+        return
     for directory in [*reversed(path.parents), path]:
         if not directory.exists():
             directory.mkdir(mode=0o700, exist_ok=True)
@@ -191,8 +193,9 @@ class Registry:
 
     # --- writing -------------------------------------------------------------------------
 
-    def update(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-        """Lock, read, let `change` edit the raw dict in place, write atomically. Returns it."""
+    def update(self, change: Callable[[dict[str, Any]], None]) -> None:
+        """Lock, read, let `change` edit the raw dict in place, write atomically. The dict is
+        kept as the cache of what is on disk, so it is not handed back."""
         try:
             private_dirs(self.path.parent)
             with self._lock:
@@ -203,7 +206,6 @@ class Registry:
                 self._last = (self._identity(), data)
         except OSError as exc:
             raise RegistryError(f"cannot write {self.path}: {exc.strerror or exc}") from None
-        return data
 
     def _write(self, data: dict[str, Any]) -> None:
         """One record per line, keys sorted: readable by hand and by `grep`, and fast to write.
