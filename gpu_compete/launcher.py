@@ -72,8 +72,10 @@ class Child:
         if self.returncode is None:
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:  # reaped elsewhere: its outcome is in the registry
-                self.returncode = 0 if self.returncode is None else self.returncode
+            except ChildProcessError:
+                # Reaped elsewhere, status unknown: never taken for a success. The registry's
+                # final state decides, else the daemon counts the task lost and runs it again.
+                self.returncode = -1
                 return self.returncode
             if pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
