@@ -43,13 +43,28 @@ class GpuSnapshot:
     processes: tuple[GpuProcess, ...] = ()
     available: bool = True
     error: str | None = None
+    # False when the driver would not list this GPU's processes (no permission, not
+    # supported): then nobody can say the GPU holds none of ours, and exclusive mode must
+    # not call it free.
+    processes_known: bool = True
+    # The scheduling unit's name ("3"; "3:1" for MIG device 1 of GPU 3) and what
+    # CUDA_VISIBLE_DEVICES must say to reach it ("3", or "MIG-<uuid>").
+    key: str = ""
+    cuda_visible: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            object.__setattr__(self, "key", str(self.index))
+        if not self.cuda_visible:
+            object.__setattr__(self, "cuda_visible", str(self.index))
 
     def user_processes(self, user: str) -> tuple[GpuProcess, ...]:
         return tuple(p for p in self.processes if p.user == user)
 
     def to_dict(self) -> dict:
         return {
-            "index": self.index, "uuid": self.uuid, "name": self.name,
+            "index": self.index, "key": self.key, "cuda_visible": self.cuda_visible,
+            "uuid": self.uuid, "name": self.name, "processes_known": self.processes_known,
             "total_bytes": self.total_bytes, "used_bytes": self.used_bytes, "free_bytes": self.free_bytes,
             "utilization": self.utilization, "available": self.available, "error": self.error,
             "processes": [{"pid": p.pid, "used_bytes": p.used_bytes, "user": p.user} for p in self.processes],
