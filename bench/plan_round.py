@@ -72,12 +72,12 @@ def make_queues(specs: list[TaskSpec], busy_fraction: float = 0.0,
         rng = rng or random.Random(0)
         for name in rng.sample(sorted(queues), round(busy_fraction * len(queues))):
             head = queues[name][0]
-            head.state, head.gpu, head.launched_at, head.confirmed = TaskState.RUNNING, 0, 0.0, True
+            head.state, head.gpu, head.launched_at, head.confirmed = TaskState.RUNNING, "0", 0.0, True
     return queues
 
 
 def make_views(gpus: int, rng: random.Random, free_gb: tuple[float, float] = (24, 80)) -> list[GpuView]:
-    return [GpuView(i, int(rng.uniform(*free_gb) * GIB)) for i in range(gpus)]
+    return [GpuView(str(i), int(rng.uniform(*free_gb) * GIB), rank=i) for i in range(gpus)]
 
 
 def time_calls(fn: Callable[[], object], reps: int, max_seconds: float) -> list[float]:
@@ -150,7 +150,7 @@ def daemon_side(specs: list[TaskSpec], gpus: int, args: argparse.Namespace, tmp:
     # A realistic mid-run state: one task running per GPU, the rest of the heads idle.
     for gpu, queue in zip(range(gpus), daemon.queues.values()):
         head = queue.head()
-        head.state, head.gpu, head.launched_at, head.confirmed = TaskState.RUNNING, gpu, 0.0, True
+        head.state, head.gpu, head.launched_at, head.confirmed = TaskState.RUNNING, str(gpu), 0.0, True
     now = 1.0
     exclusive = not args.shared
 
@@ -235,7 +235,7 @@ def main() -> None:
 
     # (e) the slow path: GPUs each fit the smallest head (1 GB) but nothing bigger, so every
     # head is tried against every GPU before the round ends.
-    crowded = [GpuView(i, int(1.5 * GIB)) for i in range(args.gpus)]
+    crowded = [GpuView(str(i), int(1.5 * GIB), rank=i) for i in range(args.gpus)]
     r = round_case(make_queues(specs_10k), crowded, args)
     print(f"(e) worst case, {args.gpus} GPUs with 1.5 GB free each (only 1 GB heads fit), 10k tasks / 1k queues: "
           f"median {r['median']:.3f} ms, p95 {r['p95']:.3f} ms, {r['launches']} launches")

@@ -307,17 +307,17 @@ def gpus(gpu_scope: str, simulate: str | None, state_dir: str, as_json: bool) ->
     finally:
         probe.close()
     user = current_user()
-    free_for_me = {v.index: fits(v, 0, True) for v in build_views(snaps, [], user)}
+    free_for_me = {v.key: fits(v, 0, True) for v in build_views(snaps, [], user)}
     if as_json:
-        click.echo(json.dumps({"user": user, "gpus": [dict(s.to_dict(), free_for_me_exclusive=free_for_me[s.index])
+        click.echo(json.dumps({"user": user, "gpus": [dict(s.to_dict(), free_for_me_exclusive=free_for_me[s.key])
                                                       for s in snaps]}, indent=2))
         return
     rows = []
     for s in snaps:
         util = "?" if s.utilization is None else f"{s.utilization}%"
         ps = " ".join(f"{p.pid}:{p.user}:{gb(p.used_bytes)}GB" for p in s.processes) or None
-        rows.append([s.index, s.name if s.available else f"UNAVAILABLE ({s.error})",
-                     f"{gb(s.free_bytes)}/{gb(s.total_bytes)}", util, ps, "yes" if free_for_me[s.index] else "no"])
+        rows.append([s.key, s.name if s.available else f"UNAVAILABLE ({s.error})",
+                     f"{gb(s.free_bytes)}/{gb(s.total_bytes)}", util, ps, "yes" if free_for_me[s.key] else "no"])
     click.echo("\n".join(table(["GPU", "NAME", "FREE/TOTAL GB", "UTIL", "PROCESSES (pid:user:GB)",
                                  f"FREE FOR {user} (exclusive)"], rows)))
 

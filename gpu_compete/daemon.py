@@ -3,13 +3,16 @@
 A round: collect tasks that ended (from our children, the supervisors' history lines and the
 registry), confirm launches that now show on their GPU, plan with the pure policy, launch,
 and write `status.json`. Signal handlers only set flags; the loop acts on them.
+
+The pieces live apart: `ledger` (registry and history writes that survive a full disk),
+`evidence` (is a task alive, how did it end), `stopping` (ending tasks on purpose),
+`wakeloop` (signals and sleeping), `policy` (every decision, pure).
 """
 
 from __future__ import annotations
 
 import os
 import random
-import select
 import signal
 import time
 from dataclasses import dataclass, field
@@ -19,20 +22,23 @@ from typing import Any, Callable
 import psutil
 import structlog
 
-from . import journal, launcher, pidfile, procs, status
-from .classify import classify
-from .gpus.base import GpuProbe, GpuSnapshot, current_user
-from .gpus.simulated import NAMESPACE_ENV
+from . import evidence, journal, launcher, pidfile, procs, status, stopping
+from .gpus.base import GpuProbe, GpuSnapshot, current_user, key_from_record, key_to_record
+from .ledger import Ledger
 from .policy import (Placement, RetryPolicy, build_views, candidates, lease_active, plan_round,
                      queue_status)
 from .registry import Registry, RegistryError, private_dirs
 from .tasks import Queue, Task, TaskSpec, TaskState, group_queues
+from .wakeloop import WakeLoop
 
 log = structlog.get_logger("gpu_compete")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 130
 # What a record says of one attempt, dropped when the next attempt starts.
 _ATTEMPT_FIELDS = ("error_type", "retry_at", "gave_up", "exit_status", "ended_at", "pgid", "exec_pid")
+# How long the pids of an ended task are not counted on its GPU: NVML can list a process for
+# a moment after it exits, and the GPU must not sit idle for a poll because of it.
+GHOST_S = 10.0
 
 
 class DaemonError(Exception):
@@ -80,22 +86,20 @@ class Daemon:
         self.rng = rng or random.Random(config.seed)
         self.out = out
         self.user = current_user()
+        self.namespace = str(config.state_dir)
         self.registry = Registry(config.registry)
+        self.ledger = Ledger(self.registry, config.history)
         self.paths = launcher.LaunchPaths(config.work_dir, config.state_dir, config.registry, config.history)
         self.queues = {q: Queue(Task(s) for s in ss) for q, ss in group_queues(specs).items()}
         self.tasks: dict[str, Task] = {t.uni_id: t for q in self.queues.values() for t in q}
         self.children: dict[str, launcher.Child] = {}
         self.known: dict[str, dict[str, Any]] = {}  # last registry record we wrote or saw, per task
-        self.history = journal.Tail(config.history)
-        self.journaled: set[str] = set()  # uni_ids with a success line in the history
-        self._unjournaled: dict[str, dict[str, Any]] = {}  # success lines the disk refused so far
-        self._problems: dict[str, str] = {}  # what is failing now, reported once, not every round
-        self._pending: list[Callable[[dict[str, Any]], Any]] = []  # registry changes not yet written
+        self.gpu_pids: dict[str, set[int]] = {}  # pids of each running task seen on its GPU
+        self.ghosts: dict[int, float] = {}  # pid of an ended task -> until when it is not counted
         self.snapshots: list[GpuSnapshot] = []
         self.draining = self.force = self.status_requested = False
         self.next_status = 0.0
         self._pidfile_fd: int | None = None
-        self._wake_r = self._wake_w = -1
 
     # --- start-up --------------------------------------------------------------------------
 
@@ -123,11 +127,11 @@ class Daemon:
         live processes adopted, failures and backoffs carried on."""
         now, wall = self.clock(), self.wall()
         try:
-            self.journaled = journal.completed(self.config.history)
+            self.ledger.journaled = journal.completed(self.config.history)
         except OSError as exc:
             raise DaemonError(f"cannot read {self.config.history}: {exc.strerror or exc}") from None
-        done = set() if self.config.fresh else set(self.journaled)
-        self.history.new_entries()  # start reading after what is already there
+        done = set() if self.config.fresh else set(self.ledger.journaled)
+        self.ledger.history.new_entries()  # start reading after what is already there
         try:
             records = self.registry.read()
         except RegistryError as exc:
@@ -135,7 +139,7 @@ class Daemon:
             records = {}
         # Processes of our tasks still alive, found by their environment: the registry may have
         # been damaged while no daemon watched, and a live task must never be started twice.
-        live = self._live_task_processes()
+        live = evidence.live_task_processes(self.tasks, self.namespace)
         stale = []
         for uid, task in self.tasks.items():
             record = records.get(uid)
@@ -149,15 +153,16 @@ class Daemon:
                     self._adopt(task, live[uid], now)
                 continue
             self.known[uid] = record
-            task.retry_count = record["retry_count"]
-            if isinstance(record.get("gpu"), int) and not isinstance(record.get("gpu"), bool):
-                task.gpu = record["gpu"]
+            task.retry_count = 0 if self.config.fresh else record["retry_count"]
+            task.gpu = key_from_record(record.get("gpu"))
             state = record.get("state")
             if state == "running":
-                if self._record_alive(record):
+                if evidence.record_alive(record, uid, self.namespace):
                     self._adopt(task, record, now)
+                elif uid in live:  # the record was clobbered, the task was not
+                    self._adopt(task, live[uid], now)
                 else:
-                    self._lost(task, "its process died while no daemon watched", now)
+                    self._ended_unseen(task, record, now)
             elif state == "normal_exit":
                 if not self.config.fresh:
                     self._completed(task, record, now)
@@ -170,86 +175,34 @@ class Daemon:
                 at = _parse_iso(record["retry_at"])
                 task.retry_at = now + max(0.0, (at if at is not None else wall) - wall)
             else:
-                self._failed(task, record.get("error_type") or "unknown", now)
+                self._failed(task, self._why(task, record), now)
         if stale:
-            self._registry_write(lambda data: [data.pop(u, None) for u in stale])
-
-    def _live_task_processes(self) -> dict[str, dict[str, Any]]:
-        """{uni_id: {pid, create_time, gpu}} of the oldest live process carrying one of our
-        task ids and our namespace in its environment."""
-        found: dict[str, dict[str, Any]] = {}
-        for proc, env in procs.scan_env(**{NAMESPACE_ENV: str(self.config.state_dir)}):
-            uid = env.get("GPU_COMPETE_UNI_ID")
-            try:
-                ct = proc.create_time()
-            except psutil.Error:
-                continue
-            if uid in self.tasks and (uid not in found or ct < found[uid]["create_time"]):
-                gpu = env.get("CUDA_VISIBLE_DEVICES", "")
-                found[uid] = {"pid": proc.pid, "create_time": ct, "gpu": int(gpu) if gpu.isdigit() else None}
-        return found
+            self.ledger.write(lambda data: [data.pop(u, None) for u in stale])
 
     def _adopt(self, task: Task, record: dict[str, Any], now: float) -> None:
         """Wait on a task an earlier daemon started, rather than start it again."""
         task.state, task.adopted, task.launched_at = TaskState.RUNNING, True, now
-        if isinstance(record.get("gpu"), int):
-            task.gpu = record["gpu"]
+        gpu = key_from_record(record.get("gpu"))
+        if gpu is not None:
+            task.gpu = gpu
         self.known.setdefault(task.uni_id, {}).update({k: v for k, v in record.items() if k != "gpu"})
         log.info("adopted running task", uni_id=task.uni_id, pid=record.get("pid"), gpu=task.gpu)
 
-    def _record_alive(self, record: dict[str, Any]) -> bool:
-        if procs.liveness(record.get("supervisor_pid"), record.get("supervisor_create_time")) == "alive":
-            return True
-        # Only a verified identity: a record with no create time may name anyone's process now.
-        return procs.liveness(record.get("pid"), record.get("create_time")) == "alive"
+    def _alive(self, uid: str, record: dict[str, Any] | None) -> bool:
+        return evidence.record_alive(record or self.known.get(uid, {}), uid, self.namespace) or (
+            record is not None and uid in self.known and evidence.record_alive(self.known[uid], uid, self.namespace))
 
     # --- one round -------------------------------------------------------------------------
 
     def tick(self) -> None:
         now = self.clock()
-        if self._unjournaled:
-            self._write_history()
-        if self._pending:
-            self._registry_write(lambda data: None)  # retry what a failing disk refused before
+        self.ledger.flush()
         self._collect(now)
         self.snapshots = self.probe.snapshot()
         self._confirm(now)
         if not self.draining and not self.force:
             self._plan_and_launch(now)
         self._write_status()
-
-    def _registry_write(self, change: Callable[[dict[str, Any]], Any]) -> bool:
-        """Apply `change` to the registry. On failure (full disk, no permission) it is kept and
-        applied, in order, with the next write that works: what the daemon knows is never lost,
-        and running tasks are never stopped for it."""
-        self._pending.append(change)
-
-        def apply_all(data: dict[str, Any]) -> None:
-            for pending in self._pending:
-                pending(data)
-
-        try:
-            self.registry.update(apply_all)
-        except RegistryError as exc:
-            self._report("registry", "cannot write the registry; running tasks go on", exc)
-            return False
-        self._pending.clear()
-        self._report("registry")
-        return True
-
-    def _report(self, what: str, message: str | None = None, error: object = None) -> None:
-        """Log a failing write once when it starts failing (or fails differently) and once when
-        it works again, not every round (a full disk at --poll 0.2 would log five a second)."""
-        before = self._problems.get(what)
-        if message is None:
-            if before is not None:
-                del self._problems[what]
-                log.info(f"{what} writable again")
-            return
-        problem = f"{message}: {error}"
-        if problem != before:
-            self._problems[what] = problem
-            log.error(message, error=str(error), retry="each round")
 
     def _collect(self, now: float) -> None:
         successes = self._sync_history()
@@ -265,7 +218,7 @@ class Daemon:
         for task in running:
             uid = task.uni_id
             record = records.get(uid)
-            if record is not None:
+            if record is not None and not record.get("legacy"):
                 self.known[uid] = record
             child = self.children.get(uid)
             if child is not None:
@@ -275,95 +228,90 @@ class Daemon:
                         missing[uid] = self.known[uid]  # wiped by someone: put our record back
                     continue
                 del self.children[uid]
-                final = record is not None and record.get("state") in ("normal_exit", "abnormal_exit")
-                if uid in successes or (final and record["state"] == "normal_exit") or (rc == 0 and not final):
+                said = evidence.wrapper_ending(record)
+                if uid in successes or (said and said.state == "normal_exit") or (rc == 0 and not said):
                     self._completed(task, record or {}, now, exit_status=rc)
-                elif rc < 0 and not final:
+                elif rc < 0 and not said:
                     self._lost(task, f"its supervisor was killed by signal {-rc}", now)
                 else:
-                    error = (record or {}).get("error_type") if final else None
-                    self._failed(task, error or classify(rc, self._log_tail(uid)) or "unknown", now)
+                    self._failed(task, self._why(task, record, rc), now)
                 continue
-            # Adopted: not our child, so the registry and the history tell how it ended.
-            if uid in successes or (record and record.get("state") == "normal_exit"):
+            # Adopted: not our child, so the registry, the history and the log tell how it ended.
+            said = evidence.wrapper_ending(record)
+            if uid in successes or (said and said.state == "normal_exit"):
                 self._completed(task, record or {}, now)
-            elif record and record.get("state") == "abnormal_exit":
-                self._failed(task, record.get("error_type") or "unknown", now)
-            elif not self._record_alive(record or self.known.get(uid, {})):
-                self._lost(task, "its process died without recording how it ended", now)
+            elif said:
+                self._failed(task, self._why(task, record), now)
+            elif not self._alive(uid, record):
+                self._ended_unseen(task, record or {}, now)
             elif record is None and uid in self.known:
                 missing[uid] = self.known[uid]
         if missing:
             log.warning("registry records vanished; writing them back", uni_ids=sorted(missing))
-            self._registry_write(lambda data: [data.setdefault(u, r) for u, r in missing.items()])
+            self.ledger.write(lambda data: [data.setdefault(u, r) for u, r in missing.items()])
+
+    def _why(self, task: Task, record: dict[str, Any] | None, returncode: int | None = None) -> str:
+        tail = evidence.log_tail(launcher.log_path(self.config.state_dir, task.uni_id))
+        return evidence.error_type(record, tail, task.uni_id, returncode)
+
+    def _ended_unseen(self, task: Task, record: dict[str, Any], now: float) -> None:
+        """A task whose process is gone and whose end nobody recorded in the registry: the
+        supervisor's end line in its log may still say how it ended; only without one is it
+        lost."""
+        uid = task.uni_id
+        tail = evidence.log_tail(launcher.log_path(self.config.state_dir, uid))
+        ended = evidence.supervisor_ending(tail, uid)
+        if ended is not None and ended.state == "normal_exit":
+            self._completed(task, record, now)
+        elif ended is not None:
+            self._failed(task, evidence.error_type(record, tail, uid), now)
+        else:
+            self._lost(task, "its process died without recording how it ended", now)
 
     def _sync_history(self) -> set[str]:
         """uni_ids whose success lines appeared in the history since the last look. A task we
         did not think was running (an orphan of an earlier daemon finished) is completed too:
         a success in the history is never run again."""
-        successes = {e["uni_id"] for e in self.history.new_entries()
-                     if e.get("state") == "normal_exit" and isinstance(e.get("uni_id"), str)}
-        self.journaled |= successes
+        successes = self.ledger.new_successes()
         for uid in successes:
             task = self.tasks.get(uid)
             if task is not None and task.state in (TaskState.PENDING, TaskState.RETRY):
                 log.warning("a success was recorded for a task not known to run; counting it", uni_id=uid)
                 task.state = TaskState.COMPLETED
-                self._registry_write(lambda data, uid=uid: data.pop(uid, None))
+                self.ledger.write(lambda data, uid=uid: data.pop(uid, None))
         return successes
 
-    def _log_tail(self, uni_id: str) -> str:
-        path = launcher.log_path(self.config.state_dir, uni_id)
-        try:
-            with open(path, "rb") as fh:
-                fh.seek(max(0, path.stat().st_size - 65536))
-                return fh.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
+    def _task_ended(self, task: Task, now: float) -> None:
+        """Its processes may linger in NVML's list for a moment: not counted from now on."""
+        for pid in self.gpu_pids.pop(task.uni_id, ()):
+            self.ghosts[pid] = now + GHOST_S
+        self.children.pop(task.uni_id, None)
 
     def _completed(self, task: Task, record: dict[str, Any], now: float, exit_status: int = 0) -> None:
         uid = task.uni_id
         task.state, task.error_type = TaskState.COMPLETED, None
+        self._task_ended(task, now)
         self._sync_history()  # the supervisor may have written its line since this round began
-        if uid not in self.journaled:
-            # The supervisor could not write it (or a wrapper said normal_exit itself).
-            entry = {"uni_id": uid, "state": "normal_exit", "queue": task.spec.queue, "gpu": task.gpu,
-                     "attempt": task.retry_count + 1, "exit_status": exit_status,
-                     "start": record.get("started_at"), "end": _iso(self.wall()), "by": "daemon"}
-            self._unjournaled[uid] = entry
-        self._write_history()
-        if uid not in self._unjournaled:
-            self._registry_write(lambda data: data.pop(uid, None))
+        self.ledger.add_success(uid, {
+            "uni_id": uid, "state": "normal_exit", "queue": task.spec.queue, "gpu": key_to_record(task.gpu),
+            "attempt": task.retry_count + 1, "exit_status": exit_status,
+            "start": record.get("started_at"), "end": _iso(self.wall()), "by": "daemon"})
         self.known.pop(uid, None)
         log.info("task completed", uni_id=uid, queue=task.spec.queue, gpu=task.gpu)
-
-    def _write_history(self) -> None:
-        """Append the success lines not yet written; each task's record leaves the registry only
-        once its line is in the history, so a full disk cannot make a success be forgotten
-        (a restart finds the normal_exit record and writes the line then)."""
-        for uid, entry in list(self._unjournaled.items()):
-            try:
-                journal.append(self.config.history, entry)
-            except OSError as exc:
-                self._report("history", "cannot append to the history", exc)
-                return
-            del self._unjournaled[uid]
-            self.journaled.add(uid)
-            self._registry_write(lambda data, uid=uid: data.pop(uid, None))
-        self._report("history")
 
     def _lost(self, task: Task, why: str, now: float) -> None:
         # Whatever the supervisor left behind is ended before the task runs again: its
         # recorded process group, and any process still carrying this task's id and our
         # namespace in its environment (the supervisor may have died before recording).
-        procs.signal_group(*_worker_group(self.known.get(task.uni_id, {})), signal.SIGKILL)
-        procs.kill_all(procs.processes_with_env(GPU_COMPETE_UNI_ID=task.uni_id,
-                                                **{NAMESPACE_ENV: str(self.config.state_dir)}))
+        procs.signal_group(*stopping.worker_group(self.known.get(task.uni_id, {})), signal.SIGKILL)
+        procs.kill_all(procs.processes_with_env(**{evidence.UNI_ID_ENV: task.uni_id,
+                                                   evidence.NAMESPACE_ENV: self.namespace}))
         self._failed(task, "lost", now, note=why)
 
     def _failed(self, task: Task, error_type: str, now: float, note: str | None = None) -> None:
         decision = self.config.retry.after_failure(task.retry_count, now)
         task.retry_count, task.error_type = decision.retry_count, error_type
+        self._task_ended(task, now)
         fields: dict[str, Any] = {"state": "abnormal_exit", "error_type": error_type,
                                   "retry_count": decision.retry_count}
         if decision.action == "give_up":
@@ -377,7 +325,6 @@ class Daemon:
             log.warning("task failed; will retry" if decision.action == "retry" else "task failed; backing off",
                         uni_id=task.uni_id, error_type=error_type, retry_count=decision.retry_count,
                         retry_in_s=round(decision.at - now, 1), note=note)
-        self.children.pop(task.uni_id, None)
         uid = task.uni_id
 
         def change(data: dict[str, Any]) -> None:
@@ -386,27 +333,30 @@ class Daemon:
             record["updated_at"] = _iso(self.wall())
             data[uid] = record
 
-        self._registry_write(change)
-        try:
-            journal.append(self.config.history, {"uni_id": uid, "state": "abnormal_exit", "error_type": error_type,
-                                                 "queue": task.spec.queue, "gpu": task.gpu,
-                                                 "attempt": decision.retry_count, "end": _iso(self.wall())})
-        except OSError as exc:
-            log.error("cannot append to the history", error=str(exc))
+        self.ledger.write(change)
+        entry = {"uni_id": uid, "state": "abnormal_exit", "error_type": error_type, "queue": task.spec.queue,
+                 "gpu": key_to_record(task.gpu), "attempt": decision.retry_count, "end": _iso(self.wall())}
+        if fields.get("gave_up"):
+            entry["gave_up"] = True
+        self.ledger.append(entry)
 
     def _confirm(self, now: float) -> None:
-        """A launch is confirmed once a process of its tree shows on its GPU."""
+        """A launch is confirmed once a process of its tree shows on its GPU; the pids seen
+        there are remembered, so they are not counted once the task has ended."""
+        self.ghosts = {pid: until for pid, until in self.ghosts.items() if until > now}
         waiting = [t for t in self.tasks.values() if t.state is TaskState.RUNNING and not t.confirmed]
         if not waiting:
             return
-        on_gpu = {s.index: {p.pid for p in s.processes} for s in self.snapshots}
+        on_gpu = {s.key: {p.pid for p in s.processes} for s in self.snapshots}
         if not any(on_gpu.get(t.gpu) for t in waiting):
             return
         children = _children_map()  # one scan of the process table for every waiting task
         for task in waiting:
             pids = on_gpu.get(task.gpu, set())
-            if pids and self._tree_pids(task, children) & pids:
+            mine = self._tree_pids(task, children) & pids if pids else set()
+            if mine:
                 task.confirmed = True
+                self.gpu_pids[task.uni_id] = mine
                 log.debug("launch confirmed on its GPU", uni_id=task.uni_id, gpu=task.gpu,
                           after_s=round(now - (task.launched_at or now), 2))
 
@@ -433,14 +383,16 @@ class Daemon:
         cands = candidates(self.queues, now)
         if not cands:
             return
-        views = build_views(self.snapshots, self.placements(now), self.user)
+        views = build_views(self.snapshots, self.placements(now), self.user, ignored=self.ghosts)
+        snaps = {s.key: s for s in self.snapshots}
         for launch in plan_round(cands, views, self.rng, self.config.exclusive, self.config.pick):
-            self._launch(self.tasks[launch.uni_id], launch.gpu, now)
+            self._launch(self.tasks[launch.uni_id], snaps[launch.gpu], now)
 
-    def _launch(self, task: Task, gpu: int, now: float) -> None:
+    def _launch(self, task: Task, snap: GpuSnapshot, now: float) -> None:
         attempt = task.retry_count + 1
+        gpu = snap.key
         try:
-            child = launcher.start(task.spec, gpu, attempt, self.paths)
+            child = launcher.start(task.spec, gpu, attempt, self.paths, cuda_visible=snap.cuda_visible)
         except OSError as exc:
             log.error("cannot start task", uni_id=task.uni_id, error=str(exc))
             self._failed(task, "unknown", now, note=f"launch failed: {exc}")
@@ -448,9 +400,9 @@ class Daemon:
         self.children[task.uni_id] = child
         task.state, task.gpu, task.launched_at, task.confirmed, task.adopted = TaskState.RUNNING, gpu, now, False, False
         ct = procs.create_time(child.pid)
-        fields = {"state": "running", "retry_count": task.retry_count, "gpu": gpu, "queue": task.spec.queue,
-                  "attempt": attempt, "supervisor_pid": child.pid, "supervisor_create_time": ct,
-                  "started_at": _iso(self.wall()), "updated_at": _iso(self.wall())}
+        fields = {"state": "running", "retry_count": task.retry_count, "gpu": key_to_record(gpu),
+                  "queue": task.spec.queue, "attempt": attempt, "supervisor_pid": child.pid,
+                  "supervisor_create_time": ct, "started_at": _iso(self.wall()), "updated_at": _iso(self.wall())}
         uid = task.uni_id
 
         def change(data: dict[str, Any]) -> None:
@@ -467,7 +419,7 @@ class Daemon:
             data[uid] = record
             self.known[uid] = dict(record)
 
-        self._registry_write(change)
+        self.ledger.write(change)
         log.info("task started", uni_id=uid, queue=task.spec.queue, gpu=gpu, attempt=attempt, pid=child.pid)
 
     # --- status ----------------------------------------------------------------------------
@@ -499,9 +451,9 @@ class Daemon:
         try:
             status.write_json(self.config.state_dir / "status.json", self.view())
         except OSError as exc:
-            self._report("status.json", "cannot write status.json", exc)
+            self.ledger.report("status.json", "cannot write status.json", exc)
         else:
-            self._report("status.json")
+            self.ledger.report("status.json")
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -519,7 +471,8 @@ class Daemon:
             return EXIT_FAILED
         return EXIT_STOPPED
 
-    def _on_signal(self, signum: int, _frame: object) -> None:
+    def on_signal(self, signum: int) -> None:
+        """Runs in the signal handler: only flags."""
         if signum in (signal.SIGINT, signal.SIGTERM):
             if self.draining:
                 self.force = True
@@ -529,55 +482,28 @@ class Daemon:
         elif signum == signal.SIGUSR1:
             self.status_requested = True
 
-    def _install_signals(self) -> dict[int, Any]:
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
-        os.set_blocking(self._wake_r, False)
-        signal.set_wakeup_fd(self._wake_w)
-        previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-            previous[sig] = signal.signal(sig, self._on_signal)
-        previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the select
-        return previous
-
-    def _sleep_until(self, deadline: float) -> None:
-        """Sleep until `deadline` (monotonic) or until a signal or a child's exit wakes us."""
-        remaining = deadline - self.clock()
-        if remaining > 0:
-            ready, _, _ = select.select([self._wake_r], [], [], remaining)
-            if ready:
-                try:
-                    while os.read(self._wake_r, 512):
-                        pass
-                except BlockingIOError:
-                    pass
-
     def run(self) -> int:
-        previous = self._install_signals()
         was_draining = False
-        try:
-            while True:
-                start = self.clock()
-                self.tick()
-                if self.draining and not was_draining:
-                    was_draining = True
-                    running = sum(t.state is TaskState.RUNNING for t in self.tasks.values())
-                    log.warning("draining: nothing new starts; waiting for running tasks "
-                                "(signal again or `gpu-compete stop --kill` to end them)", running=running)
-                self._maybe_print_status(start)
-                if self.force:
-                    self.kill_all()
-                    break
-                if self.finished():
-                    break
-                self._sleep_until(start + self.config.poll)
-        finally:
-            signal.set_wakeup_fd(-1)
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self._write_status()
+        self.loop = WakeLoop(self.on_signal, self.clock)
+        with self.loop:
+            try:
+                while True:
+                    start = self.clock()
+                    self.tick()
+                    if self.draining and not was_draining:
+                        was_draining = True
+                        running = sum(t.state is TaskState.RUNNING for t in self.tasks.values())
+                        log.warning("draining: nothing new starts; waiting for running tasks "
+                                    "(signal again or `gpu-compete stop --kill` to end them)", running=running)
+                    self._maybe_print_status(start)
+                    if self.force:
+                        self.kill_all()
+                        break
+                    if self.finished():
+                        break
+                    self.loop.sleep_until(start + self.config.poll)
+            finally:
+                self._write_status()
         self.out(status.render(self.view()))
         code = self.exit_code()
         if code == EXIT_STOPPED:
@@ -598,26 +524,13 @@ class Daemon:
         The tasks are recorded as stopped, so a restart runs them again without counting a failure."""
         running = [t for t in self.tasks.values() if t.state is TaskState.RUNNING]
         log.warning("ending running tasks", count=len(running))
-        groups = []
-        for task in running:
-            record = self.known.get(task.uni_id, {})
-            sup, sup_ct = record.get("supervisor_pid"), record.get("supervisor_create_time")
-            if procs.is_pid(sup) and procs.liveness(sup, sup_ct) == "alive":
-                try:
-                    os.kill(sup, signal.SIGTERM)  # the supervisor forwards it to the task's group
-                except ProcessLookupError:
-                    pass
-            pgid = record.get("pgid")
-            groups += [g for g in (sup, pgid) if procs.is_pid(g)]
-        deadline = self.clock() + self.config.kill_grace
-        while self.clock() < deadline and any(procs.group_alive(g) for g in groups):
+
+        def reap() -> None:
             for child in self.children.values():
                 child.poll()
-            time.sleep(0.05)
-        for task in running:
-            record = self.known.get(task.uni_id, {})
-            procs.signal_group(record.get("supervisor_pid"), record.get("supervisor_create_time"), signal.SIGKILL)
-            procs.signal_group(*_worker_group(record), signal.SIGKILL)
+
+        stopping.end_tasks([self.known.get(t.uni_id, {}) for t in running], self.config.kill_grace, reap,
+                           self.clock)
         for child in self.children.values():
             child.wait(timeout=5)
         self.children.clear()
@@ -633,16 +546,9 @@ class Daemon:
                               retry_at=now_iso, updated_at=now_iso)
                 data[uid] = record
 
-        self._registry_write(change)
+        self.ledger.write(change)
         for task in running:
             task.state, task.retry_at, task.error_type = TaskState.RETRY, 0.0, "stopped"
-
-
-def _worker_group(record: dict[str, Any]) -> tuple[Any, Any]:
-    """The process group the task's worker leads, with the leader's recorded create time (None,
-    so nothing is signalled, when the record doesn't say the leader is its worker)."""
-    pgid = record.get("pgid")
-    return pgid, record.get("create_time") if record.get("pid") == pgid else None
 
 
 def _children_map() -> dict[int, list[int]]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import supervisor
-from .gpus.base import gpu_env
+from .gpus.base import gpu_env, key_to_record
 from .gpus.simulated import NAMESPACE_ENV, VRAM_ENV
 from .registry import ENV_VAR as REGISTRY_ENV
 from .registry import private_dirs
@@ -48,7 +48,7 @@ class LaunchPaths:
     history: Path
 
 
-def task_environment(spec: TaskSpec, gpu: int, paths: LaunchPaths, base: dict[str, str] | None = None) -> dict[str, str]:
+def task_environment(spec: TaskSpec, gpu: int | str, paths: LaunchPaths, base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env[NAMESPACE_ENV] = str(paths.state_dir)
     registry = paths.registry
@@ -88,7 +88,7 @@ class Child:
         return self.returncode
 
 
-def start(spec: TaskSpec, gpu: int, attempt: int, paths: LaunchPaths) -> Child:
+def start(spec: TaskSpec, gpu: str, attempt: int, paths: LaunchPaths, cuda_visible: str | None = None) -> Child:
     """Fork a supervisor for the task in a new session; returns at once.
 
     The supervisor is a fork of the daemon rather than a new interpreter: everything it
@@ -100,13 +100,14 @@ def start(spec: TaskSpec, gpu: int, attempt: int, paths: LaunchPaths) -> Child:
     thread at the fork); keep it that way, or switch to spawning `python -m
     gpu_compete.supervisor`, which takes the same arguments.
     """
-    commands = spec.expanded(str(paths.work_dir), gpu)
+    cuda_visible = cuda_visible or gpu
+    commands = spec.expanded(str(paths.work_dir), cuda_visible)
     script = build_script(commands)
-    meta = {"queue": spec.queue, "gpu": gpu, "attempt": attempt}
+    meta = {"queue": spec.queue, "gpu": key_to_record(gpu), "attempt": attempt}
     title = f"attempt {attempt} on GPU {gpu}: " + " ; ".join(commands)
     log = log_path(paths.state_dir, spec.uni_id)
     private_dirs(log.parent)
-    env = task_environment(spec, gpu, paths)
+    env = task_environment(spec, cuda_visible, paths)
     log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         pid = os.fork()

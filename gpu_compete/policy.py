@@ -6,10 +6,11 @@ clock, no IO, no randomness of its own, so it is tested without sleeping.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple, Sequence
+from typing import Container, Iterable, NamedTuple, Sequence
 
 from .gpus.base import GpuSnapshot
 from .tasks import Queue, Task, TaskState
@@ -63,19 +64,20 @@ def candidates(queues: dict[str, Queue], now: float) -> list[Candidate]:
 class GpuView:
     """What the planner needs of one GPU this round."""
 
-    index: int
+    key: str  # the scheduling unit: "3", or "3:1" for a MIG device
     free_bytes: int | None  # NVML's free memory less what unconfirmed launches still hold
     available: bool = True
     user_busy: bool = False  # a process of the current user is on it (as NVML shows it now)
     leased: bool = False  # a launch here has not shown up in NVML yet
     own_tasks: int = 0  # tasks of this daemon running here
+    rank: int = 0  # position in the probe's order (NVML index order): ties go to the lowest
 
 
 @dataclass(frozen=True)
 class Placement:
     """A task of ours that is on a GPU, as the planner sees it."""
 
-    gpu: int
+    gpu: str
     vram_bytes: int
     leased: bool  # launched, not yet visible in NVML, and --settle has not passed
 
@@ -85,20 +87,34 @@ def lease_active(task: Task, now: float, settle: float) -> bool:
             and now - task.launched_at < settle)
 
 
-def build_views(snapshots: Iterable[GpuSnapshot], placements: Iterable[Placement], user: str) -> list[GpuView]:
+def build_views(snapshots: Iterable[GpuSnapshot], placements: Iterable[Placement], user: str,
+                ignored: Container[int] = ()) -> list[GpuView]:
     """GPU views from a snapshot and our own tasks' placements.
 
     A leased launch's VRAM is subtracted from free memory because NVML can't see it yet; once
     its process shows up in NVML (or --settle passes) it is not subtracted again.
+
+    `ignored` pids belong to tasks of ours that have ended: NVML may list them for a moment
+    after they exit. They make no GPU busy and their memory counts as free, so the next task
+    starts at once instead of a poll later.
     """
-    placements = list(placements)
+    by_gpu: dict[str, list[Placement]] = {}
+    for p in placements:
+        by_gpu.setdefault(p.gpu, []).append(p)
     views = []
-    for snap in snapshots:
-        here = [p for p in placements if p.gpu == snap.index]
+    for rank, snap in enumerate(snapshots):
+        here = by_gpu.get(snap.key, ())
         held = sum(p.vram_bytes for p in here if p.leased)
         free = None if snap.free_bytes is None else snap.free_bytes - held
-        views.append(GpuView(snap.index, free, snap.available, bool(snap.user_processes(user)),
-                             any(p.leased for p in here), len(here)))
+        mine = snap.user_processes(user)
+        if ignored and mine:
+            ghosts = [p for p in mine if p.pid in ignored]
+            if ghosts:
+                mine = tuple(p for p in mine if p.pid not in ignored)
+                if free is not None:
+                    free = min(free + sum(p.used_bytes or 0 for p in ghosts), snap.total_bytes or free)
+        views.append(GpuView(snap.key, free, snap.available, bool(mine), any(p.leased for p in here),
+                             len(here), rank))
     return views
 
 
@@ -121,8 +137,8 @@ def choose_gpu(vram_bytes: int, gpus: Sequence[GpuView], exclusive: bool) -> Gpu
     if not fitting:
         return None
     if exclusive:
-        return min(fitting, key=lambda g: (math.inf if g.free_bytes is None else g.free_bytes, g.index))
-    return min(fitting, key=lambda g: (-(g.free_bytes or 0), g.index))
+        return min(fitting, key=lambda g: (math.inf if g.free_bytes is None else g.free_bytes, g.rank))
+    return min(fitting, key=lambda g: (-(g.free_bytes or 0), g.rank))
 
 
 def order(cands: Sequence[Candidate], rng: random.Random, pick: str = "longest") -> list[Candidate]:
@@ -141,7 +157,7 @@ def order(cands: Sequence[Candidate], rng: random.Random, pick: str = "longest")
 class Launch:
     uni_id: str
     queue: str
-    gpu: int
+    gpu: str
 
 
 def plan_round(cands: Sequence[Candidate], gpus: Sequence[GpuView], rng: random.Random,
@@ -155,7 +171,7 @@ def plan_round(cands: Sequence[Candidate], gpus: Sequence[GpuView], rng: random.
     if not ordered:
         return []
     smallest = min(c.vram_bytes for c in ordered)
-    views = {g.index: g for g in gpus if fits(g, smallest, exclusive)}
+    views = {g.key: g for g in gpus if fits(g, smallest, exclusive)}
     launches = []
     for cand in ordered:
         if not views:
@@ -163,13 +179,13 @@ def plan_round(cands: Sequence[Candidate], gpus: Sequence[GpuView], rng: random.
         gpu = choose_gpu(cand.vram_bytes, list(views.values()), exclusive)
         if gpu is None:
             continue
-        launches.append(Launch(cand.uni_id, cand.queue, gpu.index))
+        launches.append(Launch(cand.uni_id, cand.queue, gpu.key))
         free = None if gpu.free_bytes is None else gpu.free_bytes - cand.vram_bytes
-        after = GpuView(gpu.index, free, gpu.available, gpu.user_busy, True, gpu.own_tasks + 1)
+        after = dataclasses.replace(gpu, free_bytes=free, leased=True, own_tasks=gpu.own_tasks + 1)
         if fits(after, smallest, exclusive):
-            views[gpu.index] = after
+            views[gpu.key] = after
         else:
-            del views[gpu.index]
+            del views[gpu.key]
     return launches
 
 

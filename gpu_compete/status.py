@@ -55,9 +55,9 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
     running = [t for t in daemon.tasks.values() if t.state is TaskState.RUNNING]
     gpus = []
     for snap in daemon.snapshots:
-        here = [t for t in running if t.gpu == snap.index]
+        here = [t for t in running if t.gpu == snap.key]
         gpus.append({
-            "index": snap.index, "name": snap.name, "available": snap.available, "error": snap.error,
+            "index": snap.index, "key": snap.key, "name": snap.name, "available": snap.available, "error": snap.error,
             "free_bytes": snap.free_bytes, "total_bytes": snap.total_bytes,
             "user_pids": [p.pid for p in snap.user_processes(daemon.user)],
             "running": [t.uni_id for t in here],
@@ -78,7 +78,7 @@ def render_dry_run(daemon: "Daemon", views: list[GpuView], plan: dict[str, int])
              f"{'exclusive' if exclusive else 'shared'} mode; nothing is launched"]
     for v in views:
         eligible = any(fits(v, t.spec.vram_bytes, exclusive) for t in daemon.tasks.values())
-        lines.append(f"  GPU {v.index}: free {gb(v.free_bytes)} GB, {'eligible' if eligible else 'not eligible'} now"
+        lines.append(f"  GPU {v.key}: free {gb(v.free_bytes)} GB, {'eligible' if eligible else 'not eligible'} now"
                      + ("" if v.available else " (unavailable)") + (", has your processes" if v.user_busy else ""))
     for name, queue in daemon.queues.items():
         lines.append(f"queue {name}:")
@@ -133,7 +133,7 @@ def render(view: dict[str, Any]) -> str:
                           if q["current_state"] else None, q["gpu"]] for q in view["queues"]])
         lines.append("")
         lines += table(["GPU", "NAME", "FREE/TOTAL GB", "MY PIDS", "LEASED", "RUNNING"],
-                        [[g["index"], g["name"] if g["available"] else f"UNAVAILABLE: {g['error']}",
+                        [[g.get("key", g["index"]), g["name"] if g["available"] else f"UNAVAILABLE: {g['error']}",
                           f"{gb(g['free_bytes'])}/{gb(g['total_bytes'])}",
                           ",".join(map(str, g["user_pids"])) or None, ",".join(g["leased"]) or None,
                           ",".join(g["running"]) or None] for g in view["gpus"]])

@@ -130,7 +130,7 @@ class Task:
     retry_count: int = 0
     retry_at: float = 0.0
     error_type: str | None = None
-    gpu: int | None = None
+    gpu: str | None = None  # the GpuSnapshot.key it runs on
     launched_at: float | None = None
     confirmed: bool = False  # its process has shown up on its GPU
     adopted: bool = False  # started by an earlier daemon

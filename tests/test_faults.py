@@ -324,7 +324,7 @@ def test_tasks_launch_on_the_gpu_that_works_while_nvml_loses_the_others(in_proce
         fake.gpus[2].fail["memory_v2"] = GPU_IS_LOST
         d.daemon.tick()
         first = d.task("true")
-        assert first.state is TaskState.RUNNING and first.gpu == 1
+        assert first.state is TaskState.RUNNING and first.gpu == "1"
         assert availability(d) == [False, True, False]
         # Without ticking (the round that collects it would launch the next task at once):
         supervisor = d.daemon.children[first.uni_id].pid
@@ -334,7 +334,7 @@ def test_tasks_launch_on_the_gpu_that_works_while_nvml_loses_the_others(in_proce
         d.daemon.tick()
         second = d.task("true && true")
         assert first.state is TaskState.COMPLETED and second.state is TaskState.RUNNING
-        assert second.gpu == 0 and availability(d) == [True, False, False]
+        assert second.gpu == "0" and availability(d) == [True, False, False]
         d.tick_until(lambda: second.state is TaskState.COMPLETED, 20, "the second task to complete")
     assert {e["uni_id"] for e in d.history() if e["state"] == "normal_exit"} == {first.uni_id, second.uni_id}
     assert [e["gpu"] for e in d.history()] == [1, 0]

@@ -22,7 +22,7 @@ def queue_of(name: str, n: int, vram: float = 1.0) -> Queue:
 
 
 def gpu(index: int, free_gb: float, **kw) -> GpuView:
-    return GpuView(index, int(free_gb * GIB), **kw)
+    return GpuView(str(index), int(free_gb * GIB), rank=index, **kw)
 
 
 # --- queues ----------------------------------------------------------------------------------
@@ -83,8 +83,8 @@ def test_exclusive_mode_skips_gpus_with_our_processes_leases_or_tasks(flag):
 def test_exclusive_picks_best_fit_and_shared_picks_most_free():
     """Exclusive keeps roomy GPUs for big tasks (best fit); shared spreads load (most free)."""
     views = [gpu(0, 40), gpu(1, 12), gpu(2, 80), gpu(3, 12)]
-    assert choose_gpu(10 * GIB, views, exclusive=True).index == 1  # smallest that fits, lowest index on ties
-    assert choose_gpu(10 * GIB, views, exclusive=False).index == 2
+    assert choose_gpu(10 * GIB, views, exclusive=True).key == "1"  # smallest that fits, lowest index on ties
+    assert choose_gpu(10 * GIB, views, exclusive=False).key == "2"
     assert choose_gpu(90 * GIB, views, exclusive=False) is None
 
 
@@ -100,8 +100,8 @@ def test_shared_plan_subtracts_each_assignment_from_free_memory():
     """In shared mode tasks pack onto a GPU only while their VRAM adds up to what is free."""
     cands = [Candidate(f"t{i}", str(i), 10 * GIB, 1) for i in range(5)]
     plan = plan_round(cands, [gpu(0, 24), gpu(1, 15)], random.Random(0), exclusive=False)
-    per_gpu = {g: sum(1 for l in plan if l.gpu == g) for g in (0, 1)}
-    assert per_gpu == {0: 2, 1: 1}
+    per_gpu = {g: sum(1 for l in plan if l.gpu == g) for g in ("0", "1")}
+    assert per_gpu == {"0": 2, "1": 1}
 
 
 def test_a_task_too_big_for_now_does_not_block_smaller_ones():
@@ -146,7 +146,7 @@ def _makespan(pick: str, seed: int, queues: int = 16, per_queue: int = 3, gpus: 
                  if n and busy_until.get(q, 0.0) <= now]
         views = [gpu(i, 24, own_tasks=int(free_at[i] > now)) for i in range(gpus)]
         for launch in plan_round(cands, views, rng, pick=pick):
-            free_at[launch.gpu] = busy_until[launch.queue] = now + 1.0
+            free_at[int(launch.gpu)] = busy_until[launch.queue] = now + 1.0
             remaining[launch.queue] -= 1
         now = min(t for t in free_at + list(busy_until.values()) if t > now)
     return max(free_at)
@@ -164,7 +164,7 @@ def test_longest_pick_reaches_the_ideal_makespan_where_random_does_not():
 
 def test_a_lease_holds_until_confirmed_or_settled():
     """A launch leases its GPU until its process shows up in NVML or --settle passes."""
-    task = Task(spec("1", 1), state=TaskState.RUNNING, gpu=0, launched_at=100.0)
+    task = Task(spec("1", 1), state=TaskState.RUNNING, gpu="0", launched_at=100.0)
     assert lease_active(task, 110.0, settle=30.0)
     assert not lease_active(task, 130.0, settle=30.0)
     task.confirmed = True
@@ -174,8 +174,8 @@ def test_a_lease_holds_until_confirmed_or_settled():
 def test_leased_vram_is_subtracted_once_and_not_after_confirmation():
     """Shared mode: an unconfirmed launch's VRAM is taken off free memory; a confirmed one's isn't."""
     snap = GpuSnapshot(0, "u", "g", 24 * GIB, 4 * GIB, 20 * GIB)
-    leased = build_views([snap], [Placement(0, 10 * GIB, leased=True)], "me")[0]
-    confirmed = build_views([snap], [Placement(0, 10 * GIB, leased=False)], "me")[0]
+    leased = build_views([snap], [Placement("0", 10 * GIB, leased=True)], "me")[0]
+    confirmed = build_views([snap], [Placement("0", 10 * GIB, leased=False)], "me")[0]
     assert leased.free_bytes == 10 * GIB and leased.leased
     assert confirmed.free_bytes == 20 * GIB and not confirmed.leased and confirmed.own_tasks == 1
 
@@ -186,6 +186,18 @@ def test_views_mark_gpus_with_the_users_processes():
     theirs = GpuSnapshot(1, "u1", "g", 24 * GIB, GIB, 23 * GIB, processes=(GpuProcess(8, GIB, "unknown"),))
     views = build_views([mine, theirs], [], "me")
     assert [v.user_busy for v in views] == [True, False]
+
+
+def test_processes_of_an_ended_task_are_not_counted():
+    """NVML may list an ended task's process for a moment: ignored, it neither makes its GPU
+    busy nor holds its memory, so the next task can start at once."""
+    snap = GpuSnapshot(0, "u0", "g", 24 * GIB, 10 * GIB, 14 * GIB, processes=(GpuProcess(7, 10 * GIB, "me"),))
+    before = build_views([snap], [], "me")[0]
+    after = build_views([snap], [], "me", ignored={7})[0]
+    assert before.user_busy and before.free_bytes == 14 * GIB
+    assert not after.user_busy and after.free_bytes == 24 * GIB
+    other = build_views([snap], [], "me", ignored={8})[0]
+    assert other == before
 
 
 # --- retries -----------------------------------------------------------------------------------

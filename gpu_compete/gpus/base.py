@@ -99,10 +99,29 @@ def owner_of(pid: int) -> str:
         return UNKNOWN_USER
 
 
-def gpu_env(index: int) -> dict[str, str]:
-    """Environment that pins a task to NVML GPU `index`: with PCI bus order, CUDA's numbering
-    agrees with NVML's, so the index means the same GPU to both."""
-    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": str(index)}
+def gpu_env(cuda_visible: int | str) -> dict[str, str]:
+    """Environment that pins a task to a GPU: an NVML index (with PCI bus order, CUDA's
+    numbering agrees with NVML's, so the index means the same GPU to both) or a MIG uuid."""
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": str(cuda_visible)}
+
+
+def key_to_record(key: str | None) -> int | str | None:
+    """A GPU key as the registry and history store it: a whole GPU as its index (an int, as
+    wrapper scripts and earlier versions wrote it), anything else (MIG "3:1") as text."""
+    if key is None:
+        return None
+    return int(key) if key.isdigit() else key
+
+
+def key_from_record(value: object) -> str | None:
+    """The GPU key a registry or history field names, or None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and value >= 0:
+        return str(value)
+    if isinstance(value, str) and value and len(value) < 200:
+        return value
+    return None
 
 
 def resolve_scope(spec: str | None, gpus: Sequence[GpuIdentity], environ: dict[str, str] | None = None) -> list[int]:

@@ -173,15 +173,15 @@ class SimulatedProbe:
             procs += [GpuProcess(pid, used, self.user) for pid, used in tasks.get(index, [])]
             total = int(gpu.memory_gb * GIB)
             used = min(total, sum(p.used_bytes or 0 for p in procs))
-            error = None
+            error, known = None, True
             if gpu.fail == "processes":
-                procs, error = [], "process list unavailable (simulated)"
+                procs, error, known = [], "process list unavailable (simulated)", False
             if gpu.fail == "memory":
                 out.append(GpuSnapshot(index, sim_uuid(index), gpu.name, None, None, None, None, tuple(procs)))
                 continue
             util = min(100, 100 * len(procs)) if procs else 0
             out.append(GpuSnapshot(index, sim_uuid(index), gpu.name, total, used, total - used, util,
-                                   tuple(procs), error=error))
+                                   tuple(procs), error=error, processes_known=known))
         return out
 
     def close(self) -> None:
