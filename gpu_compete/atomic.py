@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -16,10 +17,11 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write(path: Path, payload: bytes, durable: bool = True) -> None:
+def write(path: Path, payload: bytes, durable: bool = True, before_replace: Callable[[], None] | None = None) -> None:
     """Replace `path` with `payload` (mode 0600). `durable` fsyncs the data and the rename,
     for files whose loss matters (the registry); a status snapshot rewritten every round
-    skips that cost."""
+    skips that cost. `before_replace` runs just before the rename and may raise to cancel it
+    (the temp file is removed)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -27,6 +29,8 @@ def write(path: Path, payload: bytes, durable: bool = True) -> None:
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
         if durable:
             _fsync_dir(path.parent)  # the rename itself survives a power cut

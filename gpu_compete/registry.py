@@ -12,6 +12,7 @@ the old file or the new one, never half of one.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import time
@@ -114,20 +115,35 @@ class _SidecarLock:
             os.close(fd)  # closing the descriptor releases the flock
 
 
+class _Changed(Exception):
+    """Another writer (one that takes no lock) changed the file while we were writing."""
+
+
 class Registry:
+    """One registry file. An object remembers the last whole content it read, so that a file
+    caught empty or half written by a writer that takes no lock (the old wrapper scripts:
+    `open(F, 'w')` truncates, then writes) is never taken for the truth."""
+
+    #: How long a bad file is read again before it is taken as bad: a legacy write ends in
+    #: milliseconds.
+    SETTLE_S = 0.25
+    #: Copies of distinct bad contents kept beside the registry, oldest removed first.
+    MAX_ASIDE = 5
+
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         self.lock_path = Path(str(self.path) + ".lock")
         self._lock = _SidecarLock(self.lock_path)
         self._last: tuple[tuple[int, int, int] | None, dict[str, Any]] | None = None
         self._lines: dict[str, tuple[dict[str, Any], str]] = {}
+        self._good: bytes | None = None  # the last whole content read or written
+        self._aside: set[str] = set()  # digests of bad contents already copied aside
+        self._bad: tuple[int, int, int] | None = None  # identity of the file last found bad
 
     # --- reading -------------------------------------------------------------------------
 
     def read_raw(self) -> dict[str, Any]:
-        """The file's object as stored (a fresh copy); `{}` for a missing file. A corrupt file
-        (empty, not JSON, not an object) is copied aside as `uni_id.json.corrupt-<timestamp>`
-        with a warning and read as `{}`."""
+        """The file's object as stored (a fresh copy); `{}` for a missing file."""
         return json.loads(json.dumps(self._load()))
 
     def _identity(self) -> tuple[int, int, int] | None:
@@ -137,31 +153,49 @@ class Registry:
             return None
         return st.st_ino, st.st_mtime_ns, st.st_size
 
-    def _load(self) -> dict[str, Any]:
+    def _load(self, updating: bool = False) -> dict[str, Any]:
         """The file's object; the one we wrote last, unparsed, while the file is still that one
         (same inode, mtime and size: any other writer's rename or in-place write changes them).
-        Callers must not mutate it outside `update`."""
+        Callers must not mutate it outside `update`.
+
+        A file that is empty, half written or not a JSON object is read again for up to
+        SETTLE_S (a writer without a lock may be in the middle of its write). If it stays bad,
+        the last whole content this object read stands in for it (or `{}` if none): an update
+        then writes back that content plus its change, never less. Only an update copies the
+        bad bytes aside, once per distinct content; a plain read creates no file.
+        """
         if self._last is not None and self._identity() == self._last[0]:
             return self._last[1]
         self._last = None
+        deadline = time.monotonic() + self.SETTLE_S
+        while True:
+            ident = self._identity()
+            data = self._read_bytes()
+            if data is None:
+                return {}
+            obj, problem = _parse(data)
+            if obj is not None:
+                self._good = data
+                return obj
+            if ident == self._bad or time.monotonic() >= deadline:
+                break  # (the same bad file as last time: waited for it once already)
+            time.sleep(0.005)
+        if ident != self._bad or updating:
+            self._bad = ident
+            where = self._set_aside(data) if updating else "left as it is"
+            stand_in = "the last whole content read" if self._good is not None else "empty"
+            warnings.warn(f"{self.path} {problem}; {where}; reading it as {stand_in}", RegistryWarning, stacklevel=3)
+        return _parse(self._good)[0] if self._good is not None else {}
+
+    def _read_bytes(self) -> bytes | None:
         try:
-            data = self.path.read_bytes()
+            return self.path.read_bytes()
         except FileNotFoundError:
-            return {}
+            return None
         except IsADirectoryError:
             raise RegistryError(f"{self.path} is a directory, not a registry file") from None
         except OSError as exc:
             raise RegistryError(f"cannot read {self.path}: {exc.strerror or exc}") from None
-        try:
-            obj = json.loads(data.decode("utf-8-sig"))  # a BOM from a Windows editor is fine
-            if isinstance(obj, dict):
-                return obj
-            problem = f"holds a JSON {type(obj).__name__}, not an object"
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            # RecursionError: garbage nested deeper than the parser can follow ("[[[[...").
-            problem = "is empty" if not data.strip() else f"is not valid JSON ({exc})"
-        self._set_aside(data, problem)
-        return {}
 
     def read(self) -> dict[str, dict[str, Any]]:
         """Every understandable record, normalized; records that cannot be understood are
@@ -179,35 +213,105 @@ class Registry:
     def get(self, uni_id: str) -> dict[str, Any] | None:
         return normalize(self._load().get(uni_id))
 
-    def _set_aside(self, data: bytes, problem: str) -> None:
+    def _set_aside(self, data: bytes, problem: str = "") -> str:
+        """Keep the bad bytes for a person to look at: once per distinct content, and no more
+        than MAX_ASIDE copies (the oldest go)."""
+        digest = hashlib.sha1(data).hexdigest()
+        if digest in self._aside:
+            return "already copied aside"
+        existing = sorted(self.path.parent.glob(self.path.name + ".corrupt-*"))
+        for old in existing:
+            try:
+                if old.stat().st_size == len(data) and old.read_bytes() == data:
+                    self._aside.add(digest)
+                    return f"already copied to {old}"
+            except OSError:
+                continue
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{time.time_ns() % 1_000_000_000:09d}"
         aside = Path(f"{self.path}.corrupt-{stamp}")
         try:
             with open(aside, "xb") as fh:
                 fh.write(data)
             os.chmod(aside, 0o600)
-            where = f"copied to {aside}"
         except OSError as exc:
-            where = f"could not copy it aside ({exc})"
-        warnings.warn(f"{self.path} {problem}; {where}; reading it as empty", RegistryWarning, stacklevel=3)
+            return f"could not copy it aside ({exc})"
+        self._aside.add(digest)
+        for old in existing[: max(0, len(existing) + 1 - self.MAX_ASIDE)]:
+            try:
+                old.unlink()
+            except OSError:
+                pass
+        return f"copied to {aside}"
 
     # --- writing -------------------------------------------------------------------------
 
     def update(self, change: Callable[[dict[str, Any]], None]) -> None:
         """Lock, read, let `change` edit the raw dict in place, write atomically. The dict is
-        kept as the cache of what is on disk, so it is not handed back."""
+        kept as the cache of what is on disk, so it is not handed back.
+
+        Writers that take no lock are guarded against on both sides of the rename: if the
+        file changed since we read it, we read and apply `change` again; if a writer had
+        opened the file we replaced and wrote into it after our rename, what it wrote is read
+        back through our open descriptor and merged in, so no record of theirs is lost.
+        """
         try:
             private_dirs(self.path.parent)
             with self._lock:
-                data = self._load()
-                self._last = None  # `change` edits it in place: not what is on disk until written
-                change(data)
-                self._write(data)
-                self._last = (self._identity(), data)
+                for _ in range(20):
+                    try:
+                        self._update_once(change)
+                        return
+                    except _Changed:
+                        self._last = None
+                self._update_once(change, check=False)  # a writer that never stops: ours goes last
         except OSError as exc:
             raise RegistryError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
-    def _write(self, data: dict[str, Any]) -> None:
+    def _update_once(self, change: Callable[[dict[str, Any]], None], check: bool = True) -> None:
+        try:
+            fh = open(self.path, "rb")
+        except FileNotFoundError:
+            fh = None
+        with fh if fh is not None else _nothing():
+            before = _fingerprint(fh) if fh is not None else None
+            data = self._load(updating=True)
+            read_bytes = self._good
+            self._last = None  # `change` edits it in place: not what is on disk until written
+            change(data)
+
+            def unchanged() -> None:
+                if check and before is not None and _fingerprint_path(self.path) != before:
+                    raise _Changed()
+
+            self._write(data, unchanged)
+            self._last = (self._identity(), data)
+            if fh is not None:
+                self._rescue(fh, before, read_bytes)
+
+    def _rescue(self, fh: Any, before: tuple[int, int, int], read_bytes: bytes | None) -> None:
+        """A writer without a lock that opened the file before our rename writes into the
+        inode we replaced. Read what it wrote (through our descriptor) and apply its changes."""
+        if _fingerprint(fh) == before:
+            return
+        deadline = time.monotonic() + self.SETTLE_S
+        while True:
+            fh.seek(0)
+            theirs, _ = _parse(fh.read())
+            if theirs is not None or time.monotonic() >= deadline:
+                break
+            time.sleep(0.005)
+        if theirs is None:
+            return
+        base = _parse(read_bytes)[0] if read_bytes is not None else {}
+        changed = {k: v for k, v in theirs.items() if base.get(k) != v}
+        if changed:
+            data = self._last[1] if self._last is not None else {}
+            self._last = None
+            data.update(changed)
+            self._write(data, lambda: None)
+            self._last = (self._identity(), data)
+
+    def _write(self, data: dict[str, Any], before_replace: Callable[[], None] | None = None) -> None:
         """One record per line, keys sorted: readable by hand and by `grep`, and fast to write.
         A record's line is encoded again only when the record changed, so updating one record
         among a thousand costs little more than the write itself."""
@@ -222,9 +326,11 @@ class Registry:
             if type(value) is dict and all(type(v) in _SCALARS for v in value.values()):
                 cache[uni_id] = (dict(value), line)  # a shallow copy is a true snapshot of scalars
             lines.append(line)
-        self._lines = cache
         text = "{\n" + ",\n".join(lines) + "\n}\n" if lines else "{}\n"
-        atomic.write(self.path, text.encode())
+        payload = text.encode()
+        atomic.write(self.path, payload, before_replace=before_replace)
+        self._lines = cache
+        self._good = payload
 
     def set(self, uni_id: str, **fields: Any) -> dict[str, Any]:
         """Merge `fields` into one record (None deletes a field); other records untouched."""
@@ -252,6 +358,39 @@ class Registry:
                 data.pop(uni_id, None)
 
         self.update(change)
+
+
+def _parse(data: bytes) -> tuple[dict[str, Any] | None, str]:
+    """(the object, "") or (None, what is wrong with it)."""
+    try:
+        obj = json.loads(data.decode("utf-8-sig"))  # a BOM from a Windows editor is fine
+        if isinstance(obj, dict):
+            return obj, ""
+        return None, f"holds a JSON {type(obj).__name__}, not an object"
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        # RecursionError: garbage nested deeper than the parser can follow ("[[[[...").
+        return None, "is empty" if not data.strip() else f"is not valid JSON ({exc})"
+
+
+def _fingerprint(fh: Any) -> tuple[int, int, int]:
+    st = os.fstat(fh.fileno())
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _fingerprint_path(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def _now_iso() -> str:

@@ -14,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -235,23 +236,76 @@ CORRUPT = {
 
 
 @pytest.mark.parametrize("content", CORRUPT.values(), ids=CORRUPT.keys())
-def test_corrupt_file_is_copied_aside_and_read_as_empty(tmp_path: Path, content: bytes) -> None:
-    """An empty, garbage or non-object registry reads as {} with a RegistryWarning, and its exact bytes are kept in uni_id.json.corrupt-<timestamp>."""
+def test_corrupt_file_is_read_as_empty_and_copied_aside_only_by_a_writer(tmp_path: Path, content: bytes) -> None:
+    """An empty, garbage or non-object registry reads as {} with a RegistryWarning and a read
+    creates no file; a writer keeps its exact bytes in one uni_id.json.corrupt-<timestamp>."""
     path = tmp_path / "uni_id.json"
     path.write_bytes(content)
     reg = Registry(path)
-    with pytest.warns(RegistryWarning, match="corrupt-"):
+    reg.SETTLE_S = 0.05
+    with pytest.warns(RegistryWarning, match="left as it is"):
         assert reg.read() == {}
-    asides = sorted(tmp_path.glob("uni_id.json.corrupt-*"))
-    assert len(asides) == 1
-    assert asides[0].read_bytes() == content
-    assert path.read_bytes() == content  # a reader only reads
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["uni_id.json"]  # a reader only reads
+    assert path.read_bytes() == content
 
-    # A writer recovers the same way and leaves a valid registry; the copy stays.
-    with pytest.warns(RegistryWarning):
+    with pytest.warns(RegistryWarning, match="corrupt-"):
         reg.set("fresh", pid=os.getpid(), state="running")
     assert set(read_json(path)) == {"fresh"}
-    assert any(a.read_bytes() == content for a in tmp_path.glob("uni_id.json.corrupt-*"))
+    asides = sorted(tmp_path.glob("uni_id.json.corrupt-*"))
+    assert [a.read_bytes() for a in asides] == [content]
+
+    # The same bad content again (from another writer object too): no second copy.
+    path.write_bytes(content)
+    other = Registry(path)
+    other.SETTLE_S = 0.05
+    with pytest.warns(RegistryWarning, match="already copied"):
+        other.set("again", pid=os.getpid(), state="running")
+    assert len(list(tmp_path.glob("uni_id.json.corrupt-*"))) == 1
+
+
+def test_copies_of_bad_contents_are_bounded(tmp_path: Path) -> None:
+    """Distinct bad contents are kept, but never more than MAX_ASIDE copies; the oldest go."""
+    path = tmp_path / "uni_id.json"
+    reg = Registry(path)
+    reg.SETTLE_S = 0.0
+    for i in range(reg.MAX_ASIDE + 3):
+        path.write_bytes(f"garbage {i}".encode())
+        with pytest.warns(RegistryWarning):
+            reg.set(f"r{i}", pid=os.getpid(), state="running")
+    asides = sorted(tmp_path.glob("uni_id.json.corrupt-*"))
+    assert len(asides) == reg.MAX_ASIDE
+    assert asides[-1].read_bytes() == f"garbage {reg.MAX_ASIDE + 2}".encode()
+
+
+def test_a_bad_file_inside_an_update_never_costs_a_record(tmp_path: Path) -> None:
+    """A file truncated by a lock-less writer and never finished: the update writes back the
+    last whole content this writer read plus its change, never less."""
+    path = tmp_path / "uni_id.json"
+    reg = Registry(path)
+    reg.SETTLE_S = 0.05
+    for i in range(5):
+        reg.set(f"r{i}", pid=os.getpid(), state="running")
+    path.write_bytes(b'{"r0": {"pid": 1')  # a legacy writer died mid-write
+    with pytest.warns(RegistryWarning, match="last whole content"):
+        reg.set("mine", pid=os.getpid(), state="running")
+    assert set(read_json(path)) == {"r0", "r1", "r2", "r3", "r4", "mine"}
+
+
+def test_a_half_written_file_is_waited_for_not_replaced(tmp_path: Path) -> None:
+    """An update that meets a file still being written by a lock-less writer reads it again
+    until it is whole, and keeps what that writer wrote."""
+    path = tmp_path / "uni_id.json"
+    path.write_text('{"old": 1}')
+    reg = Registry(path)
+    whole = json.dumps({"old": 1, "theirs": {"pid": 5, "state": "running"}}, indent=2).encode()
+    with open(path, "wb") as fh:  # truncate, then finish the write from a thread a moment later
+        fh.write(whole[:10])
+        fh.flush()
+        timer = threading.Timer(0.05, lambda: (fh.write(whole[10:]), fh.flush()))
+        timer.start()
+        reg.set("mine", pid=os.getpid(), state="running")
+        timer.join()
+    assert set(read_json(path)) == {"old", "theirs", "mine"}
 
 
 def test_missing_file_reads_empty_without_warning(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
