@@ -50,7 +50,9 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
             "total": len(queue), "current": current.uni_id if current else None,
             "current_state": current.state.value if current else None,
             "gpu": current.gpu if current and current.state is TaskState.RUNNING else None,
-            "retry_in_s": round(current.retry_at - now, 1) if current and current.state is TaskState.RETRY else None,
+            "retry_in_s": _retry_in(current, now),
+            "error_type": current.error_type if current else None,
+            "why": _why_waiting(daemon, current, qstatus),
         })
     running = [t for t in daemon.tasks.values() if t.state is TaskState.RUNNING]
     gpus = []
@@ -67,8 +69,30 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(daemon.wall())),
         "daemon": {"pid": os.getpid(), "draining": daemon.draining,
                    "mode": "exclusive" if daemon.config.exclusive else "shared"},
-        "totals": totals, "queues": queues, "gpus": gpus, "registry": records_view(records),
+        "totals": totals, "queues": queues, "gpus": gpus,
+        "registry": records_view({u: r for u, r in records.items() if u in daemon.tasks}),
+        "other_records": sum(1 for u in records if u not in daemon.tasks),
+        "task_ids": sorted(daemon.tasks),
     }
+
+
+def _retry_in(task: Any, now: float) -> float | None:
+    """Seconds until a failed task runs again; None when it is not waiting for a time (a task
+    ended by `stop --kill` runs again as soon as a daemon runs)."""
+    if task is None or task.state is not TaskState.RETRY or task.retry_at <= now:
+        return None
+    return round(task.retry_at - now, 1)
+
+
+def _why_waiting(daemon: "Daemon", task: Any, qstatus: str) -> str | None:
+    """A plain reason why a queue's head is not running, where there is one to give."""
+    if task is None or task.state is TaskState.RUNNING or task.state is TaskState.COMPLETED:
+        return None
+    if task.state is TaskState.FAILED:
+        return f"failed for good ({task.error_type or 'unknown'}); its queue is blocked"
+    if task.state is TaskState.RETRY and task.error_type == "stopped":
+        return "stopped; runs on restart" if daemon.draining or daemon.force else "stopped; runs again now"
+    return daemon.waiting_why.get(task.uni_id)
 
 
 def render_dry_run(daemon: "Daemon", views: list[GpuView], plan: dict[str, int]) -> str:
@@ -127,10 +151,10 @@ def render(view: dict[str, Any]) -> str:
                      f"{t['backing_off']} backing off, {t['completed']} completed, {t['failed']} failed, "
                      f"{t['blocked']} blocked")
         lines.append("")
-        lines += table(["QUEUE", "STATUS", "DONE", "CURRENT", "STATE", "GPU"],
+        lines += table(["QUEUE", "STATUS", "DONE", "CURRENT", "STATE", "GPU", "WHY WAITING"],
                         [[q["queue"], q["status"], f"{q['done']}/{q['total']}", q["current"],
-                          q["current_state"] + (f" ({q['retry_in_s']}s)" if q.get("retry_in_s") else "")
-                          if q["current_state"] else None, q["gpu"]] for q in view["queues"]])
+                          q["current_state"] + (f" (in {q['retry_in_s']}s)" if q.get("retry_in_s") else "")
+                          if q["current_state"] else None, q["gpu"], q.get("why")] for q in view["queues"]])
         lines.append("")
         lines += table(["GPU", "NAME", "FREE/TOTAL GB", "MY PIDS", "LEASED", "RUNNING"],
                         [[g.get("key", g["index"]), g["name"] if g["available"] else f"UNAVAILABLE: {g['error']}",
@@ -139,4 +163,7 @@ def render(view: dict[str, Any]) -> str:
                           ",".join(g["running"]) or None] for g in view["gpus"]])
         lines.append("")
     lines.append(render_records(view.get("registry", [])))
+    if view.get("other_records"):
+        lines.append(f"({view['other_records']} other records in the registry: not this daemon's tasks; "
+                     "--all-records shows them)")
     return "\n".join(lines)
