@@ -542,10 +542,10 @@ def test_a_relaunched_task_never_signals_the_previous_attempts_process_group(in_
         d.daemon.resume()
         parent, write = os.getpid(), Registry._write
 
-        def children_cannot_write(self, data):
+        def children_cannot_write(self, data, *rest):
             if os.getpid() != parent:
                 enospc()
-            return write(self, data)
+            return write(self, data, *rest)
 
         with monkeypatch.context() as m:
             m.setattr(Registry, "_write", children_cannot_write)
