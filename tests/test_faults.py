@@ -291,7 +291,8 @@ def test_tick_survives_nvml_faults_and_reports_each_gpu_until_it_answers_again(i
         assert availability(d) == [True, False, True]
         assert snaps[1].error == "GPU is lost"
         assert snaps[2].free_bytes is None and snaps[2].utilization is None and snaps[2].error is None
-        assert snaps[0].error == "process list unavailable" and snaps[0].free_bytes is not None
+        assert snaps[0].error == "process list unavailable: Not Supported" and snaps[0].free_bytes is not None
+        assert snaps[0].processes_known is False
         view = json.loads((d.state / "status.json").read_text())
         assert [g["available"] for g in view["gpus"]] == [True, False, True]
         assert view["gpus"][1]["error"] == "GPU is lost"
