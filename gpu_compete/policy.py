@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, NamedTuple, Sequence
 
 from .gpus.base import GpuSnapshot
@@ -69,6 +69,9 @@ class GpuView:
     user_busy: bool = False  # a process of the current user is on it (as NVML shows it now)
     leased: bool = False  # a launch here has not shown up in NVML yet
     own_tasks: int = 0  # tasks of this daemon running here
+    # False when NVML would not list this GPU's processes: a process of ours may be there
+    # unseen, so exclusive mode can't call it free (its memory is still read, and trusted).
+    processes_known: bool = True
 
 
 @dataclass(frozen=True)
@@ -98,14 +101,14 @@ def build_views(snapshots: Iterable[GpuSnapshot], placements: Iterable[Placement
         held = sum(p.vram_bytes for p in here if p.leased)
         free = None if snap.free_bytes is None else snap.free_bytes - held
         views.append(GpuView(snap.index, free, snap.available, bool(snap.user_processes(user)),
-                             any(p.leased for p in here), len(here)))
+                             any(p.leased for p in here), len(here), snap.processes_known))
     return views
 
 
 def fits(gpu: GpuView, vram_bytes: int, exclusive: bool) -> bool:
     if not gpu.available:
         return False
-    if exclusive and (gpu.user_busy or gpu.leased or gpu.own_tasks):
+    if exclusive and (gpu.user_busy or gpu.leased or gpu.own_tasks or not gpu.processes_known):
         return False
     if gpu.free_bytes is None:  # memory unknown: only a task that needs none can go there
         return vram_bytes == 0
@@ -165,7 +168,7 @@ def plan_round(cands: Sequence[Candidate], gpus: Sequence[GpuView], rng: random.
             continue
         launches.append(Launch(cand.uni_id, cand.queue, gpu.index))
         free = None if gpu.free_bytes is None else gpu.free_bytes - cand.vram_bytes
-        after = GpuView(gpu.index, free, gpu.available, gpu.user_busy, True, gpu.own_tasks + 1)
+        after = replace(gpu, free_bytes=free, leased=True, own_tasks=gpu.own_tasks + 1)
         if fits(after, smallest, exclusive):
             views[gpu.index] = after
         else:
