@@ -103,7 +103,9 @@ def owner_of(pid: int) -> str:
     """User name owning `pid`, or "unknown" if it is not visible here (another pid namespace)."""
     try:
         return psutil.Process(pid).username()
-    except (psutil.Error, KeyError, ValueError):
+    # OSError: a process ending while psutil reads /proc can surface as FileNotFoundError
+    # rather than NoSuchProcess (gpustat #95).
+    except (psutil.Error, KeyError, ValueError, OSError):
         return UNKNOWN_USER
 
 

@@ -30,6 +30,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _PID_MAX_LIMIT = 4 * 1024 * 1024  # Linux's PID_MAX_LIMIT: no pid is larger on any Linux
+_NOT_AVAILABLE = 2**64 - 1  # NVML_VALUE_NOT_AVAILABLE as an unsigned long long
 _ATTEMPTS = 3  # size query and read again when processes start between the two calls
 
 
@@ -106,7 +107,8 @@ class ProcessReader:
                 if kind != "compute" and exc.value == nvml.NVML_ERROR_NOT_SUPPORTED:
                     continue  # the device cannot hold that kind of context (MIG has no graphics)
                 raise  # a compute list that can't be read, or no permission: unknown, not empty
-            for pid, used in entries:
+            for pid, raw in entries:
+                used = None if raw == _NOT_AVAILABLE else raw
                 if not 0 < pid <= _PID_MAX_LIMIT:
                     raise GarbledProcessList(f"the driver listed pid {pid} ({dialect.name} layout misread?)")
                 # A process with contexts of two kinds (or listed twice) is reported with its whole
