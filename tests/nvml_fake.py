@@ -328,7 +328,9 @@ class FakeNvml:
         device, code = self._device(handle, symbol, kind)
         if code:
             return code
-        entry, smallest = {"": (InfoV1, 16), "_v2": (InfoV2, 24), "_v3": (self.driver.v3_entry, 24)}[symbol[len(family):]]
+        # What this driver writes, and the smallest entry any caller of that symbol allocates.
+        layouts = {"": (InfoV1, 16), "_v2": (InfoV2, 24), "_v3": (self.driver.v3_entry, 24)}
+        entry, smallest = layouts[symbol[len(family):]]
         capacity = c_uint.from_address(count)
         return self._write(device, kind, entry, smallest, capacity, infos)
 
