@@ -23,7 +23,8 @@ import psutil
 import structlog
 
 from . import evidence, journal, launcher, pidfile, procs, status, stopping
-from .gpus.base import GpuProbe, GpuSnapshot, current_user, key_from_record, key_to_record
+from .gpus.base import (PID_NAMESPACE_WARNING, GpuProbe, GpuSnapshot, current_user, key_from_record,
+                        key_to_record, pid_namespace_mismatch, without_owners)
 from .ledger import Ledger
 from .policy import (Placement, RetryPolicy, build_views, candidates, lease_active, plan_round,
                      queue_status)
@@ -98,6 +99,7 @@ class Daemon:
         self.ghosts: dict[int, float] = {}  # pid of an ended task -> until when it is not counted
         self.snapshots: list[GpuSnapshot] = []
         self.waiting_why: dict[str, str] = {}  # idle head -> why it did not start this round
+        self.foreign_pids = False  # NVML's pids are another namespace's (a container)
         self._told_too_large: set[str] = set()
         self.draining = self.force = self.status_requested = False
         self.next_status = 0.0
@@ -218,6 +220,7 @@ class Daemon:
         with self.ledger.batch():
             self._collect(now)
             self.snapshots = self.probe.snapshot()
+            self._check_pid_namespace(now)
             self._confirm(now)
             if not self.draining and not self.force:
                 self._plan_and_launch(now)
@@ -363,6 +366,22 @@ class Daemon:
         if fields.get("gave_up"):
             entry["gave_up"] = True
         self.ledger.append(entry)
+
+    def _check_pid_namespace(self, now: float) -> None:
+        """In a container without --pid=host NVML lists host pids: none of our tasks ever shows
+        up as itself. Said once; from then on owners of GPU processes are not guessed from pids
+        that mean something else here, and leases end at --settle."""
+        if not self.foreign_pids:
+            settled = {}
+            for t in self.tasks.values():
+                if (t.state is TaskState.RUNNING and not t.confirmed and t.gpu is not None
+                        and t.launched_at is not None and now - t.launched_at >= self.config.settle):
+                    settled.setdefault(t.gpu, set()).update(self._roots(t))
+            if settled and pid_namespace_mismatch(self.snapshots, settled):
+                self.foreign_pids = True
+                log.warning(PID_NAMESPACE_WARNING)
+        if self.foreign_pids:
+            self.snapshots = without_owners(self.snapshots)
 
     def _confirm(self, now: float) -> None:
         """A launch is confirmed once a process of its tree shows on its GPU; the pids seen
