@@ -432,5 +432,7 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
     sys.exit(code)
 
 
+from . import cli_view  # noqa: E402,F401  (registers report, logs, watch, completion)
+
 if __name__ == "__main__":  # pragma: no cover
     main()
