@@ -67,7 +67,7 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
         }
         if current is not None and not running:
             if current.state is TaskState.FAILED:
-                entry["waiting"] = f"blocked: {current.uni_id} failed for good ({current.error_type})"
+                entry["waiting"] = f"blocked: failed for good ({current.error_type})"
             elif current.uni_id not in due:
                 entry["waiting"] = f"backing off after {current.error_type or 'a failure'}"
                 backing_off.append({"uni_id": current.uni_id, "queue": name, "retry_in_s": retry_in,
