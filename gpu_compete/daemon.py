@@ -343,7 +343,7 @@ class Daemon:
         known = self.known.get(uid, {})
         entry = {"uni_id": uid, "state": "abnormal_exit", "error_type": error_type, "queue": task.spec.queue,
                  "gpu": key_to_record(task.gpu), "attempt": decision.retry_count, "start": known.get("started_at"),
-                 "exit_status": known.get("exit_status"), "end": _iso(self.wall())}
+                 "exit_status": known.get("exit_status"), "end": known.get("ended_at") or _iso(self.wall())}
         if fields.get("gave_up"):
             entry["gave_up"] = True
         self.ledger.append(entry)
