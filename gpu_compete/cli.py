@@ -57,15 +57,20 @@ class DefaultGroup(click.Group):
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> None:
-    click.echo(f"gpu-compete: {message}", err=True)
+    from .logs import error_line
+
+    error_line(message)
     sys.exit(code)
 
 
 def _warnings_to_stderr() -> None:
-    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
-        click.echo(f"gpu-compete: warning: {message}", err=True)
+    from .logs import json_mode, warning_line
 
-    warnings.showwarning = show
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        warning_line(str(message))
+
+    if not json_mode():
+        warnings.showwarning = show
 
 
 def _load_commands(path: str):
@@ -75,8 +80,13 @@ def _load_commands(path: str):
         parsed = load(path)
     except CommandFileError as exc:
         _fail(str(exc))
+    from .logs import json_mode, warning_line
+
     for warning in parsed.warnings:
-        click.echo(f"{parsed.path}:{warning.line}: warning: {warning.message}", err=True)
+        if json_mode():
+            warning_line(f"{parsed.path}:{warning.line}: {warning.message}")
+        else:
+            click.echo(f"{parsed.path}:{warning.line}: warning: {warning.message}", err=True)
     return parsed
 
 
@@ -254,10 +264,11 @@ def registry_rm(uni_id: str, registry_file: str | None) -> None:
               help="The daemon's state directory (holds status.json).")
 @click.option("--registry", "registry_file", type=click.Path(dir_okay=False),
               help="Registry file [default: STATE_DIR/uni_id.json, or $GPU_COMPETE_REGISTRY].")
+@click.option("--all-records", is_flag=True, help="Also list registry records that are not this daemon's tasks.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON on stdout.")
-def status(state_dir: str, registry_file: str | None, as_json: bool) -> None:
-    """Show a daemon's queues and GPUs (from STATE_DIR/status.json) and every registry record,
-    with whether its pid is alive."""
+def status(state_dir: str, registry_file: str | None, all_records: bool, as_json: bool) -> None:
+    """Show a daemon's queues and GPUs (from STATE_DIR/status.json) and its tasks' registry
+    records, with whether each pid is alive."""
     from . import status as status_mod
     from .pidfile import running_daemon
     from .registry import ENV_VAR, Registry, RegistryError
@@ -277,9 +288,21 @@ def status(state_dir: str, registry_file: str | None, as_json: bool) -> None:
         pass
     daemon = running_daemon(state)
     view["daemon_running"] = daemon is not None
+    ours = view.get("task_ids")
+    if ours is not None and not all_records:
+        ours = set(ours)
+        view["other_records"] = sum(1 for u in records if u not in ours)
+        records = {u: r for u, r in records.items() if u in ours}
+    else:
+        view["other_records"] = 0
     view["registry"] = status_mod.records_view(records)
+    view.pop("task_ids", None)
     if as_json:
         click.echo(json.dumps(view, indent=2))
+        return
+    if "totals" not in view and not records and not daemon:
+        click.echo(f"nothing has run on {state} yet: no status.json and no registry records there "
+                   f"(start with `gpu-compete --commands FILE`, or pass --state-dir)")
         return
     if "totals" in view and not daemon:
         click.echo(f"(no daemon is running on {state}; last status below)")
@@ -452,7 +475,29 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
     sys.exit(code)
 
 
+def entry() -> None:
+    """The console script. With `--log-format json` (or GPU_COMPETE_LOG_FORMAT=json) even
+    click's own usage errors are one JSON line on stderr."""
+    argv = sys.argv[1:]
+    wants_json = os.environ.get("GPU_COMPETE_LOG_FORMAT") == "json" or "--log-format=json" in argv or any(
+        a == "--log-format" and b == "json" for a, b in zip(argv, argv[1:]))
+    if not wants_json:
+        main()
+        return
+    from .logs import configure, error_line
+
+    configure("json")
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Abort:
+        error_line("aborted")
+        sys.exit(1)
+    except click.ClickException as exc:
+        error_line(exc.format_message())
+        sys.exit(exc.exit_code)
+
+
 from . import cli_view  # noqa: E402,F401  (registers report, logs, watch, completion)
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    entry()

@@ -30,7 +30,7 @@ from .observe import Observer
 from .policy import (Placement, RetryPolicy, build_views, candidates, fits, lease_active, plan_round,
                      queue_status)
 from .registry import Registry, RegistryError, private_dirs
-from .tasks import Queue, Task, TaskSpec, TaskState, group_queues
+from .tasks import GIB, Queue, Task, TaskSpec, TaskState, group_queues
 from .wakeloop import WakeLoop
 
 log = structlog.get_logger("gpu_compete")
@@ -101,6 +101,8 @@ class Daemon:
         self.gpu_pids: dict[str, set[int]] = {}  # pids of each running task seen on its GPU
         self.ghosts: dict[int, float] = {}  # pid of an ended task -> until when it is not counted
         self.snapshots: list[GpuSnapshot] = []
+        self.waiting_why: dict[str, str] = {}  # idle head -> why it did not start this round
+        self._told_too_large: set[str] = set()
         self.draining = self.force = self.status_requested = False
         self.next_status = 0.0
         self._pidfile_fd: int | None = None
@@ -134,6 +136,7 @@ class Daemon:
         now, wall = self.clock(), self.wall()
         try:
             self.ledger.journaled = journal.completed(self.config.history)
+            gave_up = {} if self.config.fresh else journal.failed_for_good(self.config.history)
         except OSError as exc:
             raise DaemonError(f"cannot read {self.config.history}: {exc.strerror or exc}") from None
         done = set() if self.config.fresh else set(self.ledger.journaled)
@@ -154,9 +157,16 @@ class Daemon:
                 if record is not None and record.get("state") != "running":
                     stale.append(uid)
                 continue
+            if uid in live and (record is None or not evidence.record_alive(record, uid, self.namespace)):
+                # A live process of the task: whatever the registry says now (nothing, a stale
+                # or clobbered record), it is adopted, never killed or started again.
+                self._adopt(task, {**(record or {}), **live[uid]}, now)
+                continue
+            if uid in gave_up and not (record and record.get("state") == "running"):
+                task.state, task.error_type = TaskState.FAILED, gave_up[uid].get("error_type")
+                task.retry_count = max(record["retry_count"] if record else 0, gave_up[uid].get("attempt") or 0)
+                continue
             if record is None:
-                if uid in live:
-                    self._adopt(task, live[uid], now)
                 continue
             self.known[uid] = record
             task.retry_count = 0 if self.config.fresh else record["retry_count"]
@@ -165,8 +175,6 @@ class Daemon:
             if state == "running":
                 if evidence.record_alive(record, uid, self.namespace):
                     self._adopt(task, record, now)
-                elif uid in live:  # the record was clobbered, the task was not
-                    self._adopt(task, live[uid], now)
                 else:
                     self._ended_unseen(task, record, now)
             elif state == "normal_exit":
@@ -309,6 +317,9 @@ class Daemon:
         # Whatever the supervisor left behind is ended before the task runs again: its
         # recorded process group, and any process still carrying this task's id and our
         # namespace in its environment (the supervisor may have died before recording).
+        if self.ledger.read_only:  # a dry run touches no process
+            self._failed(task, "lost", now, note=why)
+            return
         procs.signal_group(*stopping.worker_group(self.known.get(task.uni_id, {})), signal.SIGKILL)
         procs.kill_all(procs.processes_with_env(**{evidence.UNI_ID_ENV: task.uni_id,
                                                    evidence.NAMESPACE_ENV: self.namespace}))
@@ -324,12 +335,12 @@ class Daemon:
             task.state = TaskState.FAILED
             fields["gave_up"] = True
             log.error("task failed for good; its queue is blocked", uni_id=task.uni_id, error_type=error_type,
-                      retries=decision.retry_count, note=note)
+                      attempts=decision.retry_count, retries=decision.retry_count - 1, note=note)
         else:
             task.state, task.retry_at = TaskState.RETRY, decision.at
             fields["retry_at"] = _iso(self.wall() + (decision.at - now))
             log.warning("task failed; will retry" if decision.action == "retry" else "task failed; backing off",
-                        uni_id=task.uni_id, error_type=error_type, retry_count=decision.retry_count,
+                        uni_id=task.uni_id, error_type=error_type, failures=decision.retry_count,
                         retry_in_s=round(decision.at - now, 1), note=note)
         uid = task.uni_id
 
@@ -390,13 +401,36 @@ class Daemon:
     def _plan_and_launch(self, now: float) -> None:
         cands = candidates(self.queues, now)
         if not cands:
+            self.waiting_why = {}
             return
         views = build_views(self.snapshots, self.placements(now), self.user, ignored=self.ghosts)
         smallest = min(c.vram_bytes for c in cands)
         self.observer.planning(v.key for v in views if fits(v, smallest, self.config.exclusive))
         snaps = {s.key: s for s in self.snapshots}
-        for launch in plan_round(cands, views, self.rng, self.config.exclusive, self.config.pick):
+        plan = plan_round(cands, views, self.rng, self.config.exclusive, self.config.pick)
+        for launch in plan:
             self._launch(self.tasks[launch.uni_id], snaps[launch.gpu], now)
+        self._explain_waits(cands, {launch.uni_id for launch in plan})
+
+    def _explain_waits(self, cands: list, launched: set[str]) -> None:
+        """Why each idle head did not start, for status; a head that fits no GPU in scope at
+        all is said once in the log, not every round."""
+        largest = max((s.total_bytes for s in self.snapshots if s.available and s.total_bytes), default=None)
+        why = {}
+        for cand in cands:
+            if cand.uni_id in launched:
+                continue
+            need = _gb(cand.vram_bytes)
+            if largest is not None and cand.vram_bytes > largest:
+                why[cand.uni_id] = f"needs {need} GB; the largest GPU has {_gb(largest)} GB"
+                if cand.uni_id not in self._told_too_large:
+                    self._told_too_large.add(cand.uni_id)
+                    log.error("task fits no GPU in scope; it waits until one does (edit its VRAM or --gpus)",
+                              uni_id=cand.uni_id, why=why[cand.uni_id])
+            else:
+                mode = "free and none of your processes" if self.config.exclusive else "free"
+                why[cand.uni_id] = f"waiting for a GPU with {need} GB {mode}"
+        self.waiting_why = why
 
     def _launch(self, task: Task, snap: GpuSnapshot, now: float) -> None:
         attempt = task.retry_count + 1
@@ -436,18 +470,13 @@ class Daemon:
 
     def dry_run(self) -> str:
         """Queues, expanded commands, and where the heads would start now; launches nothing."""
+        self.ledger.read_only = True
+        self.resume()
         now = self.clock()
-        self.resume_view_only()
         self.snapshots = self.probe.snapshot()
         views = build_views(self.snapshots, [], self.user)
         plan = plan_round(candidates(self.queues, now), views, self.rng, self.config.exclusive, self.config.pick)
         return status.render_dry_run(self, views, {launch.uni_id: launch.gpu for launch in plan})
-
-    def resume_view_only(self) -> None:
-        """Mark tasks the history says are completed, without touching any file."""
-        if not self.config.fresh:
-            for uid in journal.completed(self.config.history) & set(self.tasks):
-                self.tasks[uid].state = TaskState.COMPLETED
 
     def view(self) -> dict[str, Any]:
         now = self.clock()
@@ -564,6 +593,10 @@ class Daemon:
         self.ledger.write(change)
         for task in running:
             task.state, task.retry_at, task.error_type = TaskState.RETRY, 0.0, "stopped"
+
+
+def _gb(size: int) -> str:
+    return f"{size / GIB:.1f}".removesuffix(".0")
 
 
 def _children_map() -> dict[int, list[int]]:

@@ -80,7 +80,8 @@ def live_task_processes(uni_ids: set[str] | dict, namespace: str) -> dict[str, d
         except psutil.Error:
             continue
         if uid not in found or ct < found[uid]["create_time"]:
-            found[uid] = {"pid": proc.pid, "create_time": ct, "gpu": env.get("CUDA_VISIBLE_DEVICES") or None}
+            found[uid] = {"pid": proc.pid, "create_time": ct,
+                          "gpu": env.get("GPU_COMPETE_GPU") or env.get("CUDA_VISIBLE_DEVICES") or None}
     return found
 
 

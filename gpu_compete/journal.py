@@ -46,6 +46,22 @@ def completed(path: str | os.PathLike[str]) -> set[str]:
     return {e["uni_id"] for e in entries(path) if e.get("state") == "normal_exit" and isinstance(e.get("uni_id"), str)}
 
 
+def failed_for_good(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """{uni_id: its gave-up line} for tasks whose last word in the history is that they failed
+    for good: durable where a registry record is not (a script may overwrite it). A later
+    success, or a line saying the task was retried on purpose (`"state": "retried"`), ends it."""
+    out: dict[str, dict[str, Any]] = {}
+    for e in entries(path):
+        uid = e.get("uni_id")
+        if not isinstance(uid, str):
+            continue
+        if e.get("gave_up") is True:
+            out[uid] = e
+        elif e.get("state") in ("normal_exit", "retried"):
+            out.pop(uid, None)
+    return out
+
+
 class Tail:
     """Reads the lines appended since the last call (the daemon's view of new successes)."""
 

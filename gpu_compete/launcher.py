@@ -8,9 +8,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import setproctitle
 
 from . import supervisor
 from .gpus.base import gpu_env, key_to_record
@@ -20,6 +23,9 @@ from .registry import private_dirs
 from .tasks import TaskSpec
 
 SHELL = shutil.which("bash") or "/bin/sh"
+#: The GPU's key as gpu-compete names it ("3", "3:1" for a MIG device): how a restarted
+#: daemon that finds the task by its environment knows where it runs.
+GPU_KEY_ENV = "GPU_COMPETE_GPU"
 
 
 def build_script(commands: list[str]) -> str:
@@ -58,6 +64,12 @@ def task_environment(spec: TaskSpec, gpu: int | str, paths: LaunchPaths, base: d
     # A task may set its own value (e.g. in an `export` line) to override the declared VRAM.
     env[VRAM_ENV] = f"{spec.vram_gb:g}"
     env.setdefault("PYTHONUNBUFFERED", "1")  # so the log shows progress as it happens
+    # Wrapped scripts call `gpu-compete exec`: the daemon's own install comes first on PATH,
+    # so they find it even when the daemon was started by path from a venv not activated.
+    bin_dir = os.path.dirname(sys.executable)
+    path = env.get("PATH", os.defpath).split(os.pathsep)
+    if not path or path[0] != bin_dir:
+        env["PATH"] = os.pathsep.join([bin_dir, *(p for p in path if p != bin_dir)])
     return env
 
 
@@ -108,6 +120,7 @@ def start(spec: TaskSpec, gpu: str, attempt: int, paths: LaunchPaths, cuda_visib
     log = log_path(paths.state_dir, spec.uni_id)
     private_dirs(log.parent)
     env = task_environment(spec, cuda_visible, paths)
+    env[GPU_KEY_ENV] = gpu
     log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         pid = os.fork()
@@ -129,6 +142,7 @@ def start(spec: TaskSpec, gpu: str, attempt: int, paths: LaunchPaths, cuda_visib
         os.dup2(log_fd, 1)  # the supervisor's own complaints land in the task's log
         os.dup2(log_fd, 2)
         os.closerange(3, 65536)  # the daemon's pid-file lock and wake-up pipe stay with it
+        setproctitle.setproctitle(f"gpu-compete: supervisor {spec.uni_id}")  # not a copy of the daemon in ps
         os.chdir(paths.work_dir)
         os.environ.clear()
         os.environ.update(env)

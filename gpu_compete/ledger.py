@@ -31,11 +31,14 @@ class Ledger:
         self.unjournaled: dict[str, dict[str, Any]] = {}  # success lines the disk refused so far
         self._pending: list[Change] = []  # registry changes not yet written
         self._problems: dict[str, str] = {}  # what is failing now
+        self.read_only = False  # a dry run decides as a real run would, and writes nothing
 
     # --- the registry -------------------------------------------------------------------
 
     def write(self, change: Change) -> bool:
         """Apply `change` to the registry (with every change still pending before it)."""
+        if self.read_only:
+            return True
         self._pending.append(change)
 
         def apply_all(data: dict[str, Any]) -> None:
@@ -71,6 +74,8 @@ class Ledger:
     def add_success(self, uid: str, entry: dict[str, Any]) -> None:
         """A task succeeded: its line goes to the history unless the supervisor wrote it
         already, and then its record leaves the registry."""
+        if self.read_only:
+            return
         if uid in self.journaled:
             self.write(lambda data: data.pop(uid, None))
             return
@@ -99,6 +104,8 @@ class Ledger:
 
     def append(self, entry: dict[str, Any]) -> None:
         """Any other history line (a failure, a skip): logged if the disk refuses it."""
+        if self.read_only:
+            return
         try:
             journal.append(self.history_path, entry)
         except OSError as exc:

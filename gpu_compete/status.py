@@ -54,26 +54,28 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
             totals[state] += n
         current = head(queue)
         running = current is not None and current.state is TaskState.RUNNING
-        retry_in = round(current.retry_at - now, 1) if current and current.state is TaskState.RETRY else None
+        retry_in = _retry_in(current, now)
         entry = {
             "queue": name, "status": qstatus, "done": sum(t.state is TaskState.COMPLETED for t in queue),
             "total": len(queue), "current": current.uni_id if current else None,
             "current_state": current.state.value if current else None,
             "gpu": current.gpu if running else None, "retry_in_s": retry_in,
+            "error_type": current.error_type if current else None,
+            "why": _why_waiting(daemon, current, qstatus),
             "attempt": current.retry_count + 1 if current else None,
             "adopted": bool(current and current.adopted),
             "elapsed_s": _elapsed(current, records, now, wall) if running else None,
-            "waiting": None, "counts": counts,
+            "counts": counts,
         }
-        if current is not None and not running:
-            if current.state is TaskState.FAILED:
-                entry["waiting"] = f"blocked: failed for good ({current.error_type})"
-            elif current.uni_id not in due:
-                entry["waiting"] = f"backing off after {current.error_type or 'a failure'}"
+        if current is not None and not running and current.state is not TaskState.FAILED:
+            if current.uni_id not in due and retry_in is not None:
+                entry["why"] = entry["why"] or f"backing off after {current.error_type or 'a failure'}"
                 backing_off.append({"uni_id": current.uni_id, "queue": name, "retry_in_s": retry_in,
                                     "retry_count": current.retry_count, "error_type": current.error_type})
-            else:
-                entry["waiting"] = waits.why(current.spec.vram_bytes)
+            elif current.uni_id in due and (entry["why"] is None or entry["why"].startswith("waiting for a GPU")):
+                # The planner's own reasons ("needs N GB; the largest GPU has M", "stopped; ...")
+                # stay; its generic one gives way to what is short now.
+                entry["why"] = waits.why(current.spec.vram_bytes)
         queues.append(entry)
     waiting_vram = [daemon.tasks[u].spec.vram_bytes for u in due if daemon.tasks[u].state is not TaskState.RUNNING]
     running = [t for t in daemon.tasks.values() if t.state is TaskState.RUNNING]
@@ -98,7 +100,9 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
                    "mode": "exclusive" if exclusive else "shared"},
         "totals": totals, "queues": queues, "gpus": gpus, "backing_off": backing_off,
         "gpus_free_for_waiting": waits.able(waiting_vram),
-        "registry": records_view(records),
+        "registry": records_view({u: r for u, r in records.items() if u in daemon.tasks}),
+        "other_records": sum(1 for u in records if u not in daemon.tasks),
+        "task_ids": sorted(daemon.tasks),
     }
     observer = getattr(daemon, "observer", None)
     return observer.annotate(view) if observer is not None else view
@@ -144,6 +148,25 @@ class Waits:
             return []
         smallest = min(waiting_vram)
         return [v.key for v in self.views if fits(v, smallest, self.exclusive)]
+
+
+def _retry_in(task: Any, now: float) -> float | None:
+    """Seconds until a failed task runs again; None when it is not waiting for a time (a task
+    ended by `stop --kill` runs again as soon as a daemon runs)."""
+    if task is None or task.state is not TaskState.RETRY or task.retry_at <= now:
+        return None
+    return round(task.retry_at - now, 1)
+
+
+def _why_waiting(daemon: "Daemon", task: Any, qstatus: str) -> str | None:
+    """A plain reason why a queue's head is not running, where there is one to give."""
+    if task is None or task.state is TaskState.RUNNING or task.state is TaskState.COMPLETED:
+        return None
+    if task.state is TaskState.FAILED:
+        return f"failed for good ({task.error_type or 'unknown'}); its queue is blocked"
+    if task.state is TaskState.RETRY and task.error_type == "stopped":
+        return "stopped; runs on restart" if daemon.draining or daemon.force else "stopped; runs again now"
+    return daemon.waiting_why.get(task.uni_id)
 
 
 def render_dry_run(daemon: "Daemon", views: list[GpuView], plan: dict[str, int]) -> str:
@@ -202,10 +225,10 @@ def render(view: dict[str, Any]) -> str:
                      f"{t['backing_off']} backing off, {t['completed']} completed, {t['failed']} failed, "
                      f"{t['blocked']} blocked")
         lines.append("")
-        lines += table(["QUEUE", "STATUS", "DONE", "CURRENT", "STATE", "GPU"],
+        lines += table(["QUEUE", "STATUS", "DONE", "CURRENT", "STATE", "GPU", "WHY WAITING"],
                         [[q["queue"], q["status"], f"{q['done']}/{q['total']}", q["current"],
-                          q["current_state"] + (f" ({q['retry_in_s']}s)" if q.get("retry_in_s") else "")
-                          if q["current_state"] else None, q["gpu"]] for q in view["queues"]])
+                          q["current_state"] + (f" (in {q['retry_in_s']}s)" if q.get("retry_in_s") else "")
+                          if q["current_state"] else None, q["gpu"], q.get("why")] for q in view["queues"]])
         lines.append("")
         lines += table(["GPU", "NAME", "FREE/TOTAL GB", "MY PIDS", "LEASED", "RUNNING"],
                         [[g.get("key", g["index"]), g["name"] if g["available"] else f"UNAVAILABLE: {g['error']}",
@@ -214,4 +237,7 @@ def render(view: dict[str, Any]) -> str:
                           ",".join(g["running"]) or None] for g in view["gpus"]])
         lines.append("")
     lines.append(render_records(view.get("registry", [])))
+    if view.get("other_records"):
+        lines.append(f"({view['other_records']} other records in the registry: not this daemon's tasks; "
+                     "--all-records shows them)")
     return "\n".join(lines)

@@ -171,6 +171,10 @@ def run(cmd: list[str], uni_id: str, registry: Registry | str | os.PathLike[str]
     said_final = said is not None and said.get("state") in ("normal_exit", "abnormal_exit")
     if said_final:
         state, error_type = said["state"], said.get("error_type") if said["state"] == "abnormal_exit" else None
+        if state == "abnormal_exit" and error_type in (None, "", "unknown"):
+            # The wrapper said it failed but not why (old wrappers write only pid and state):
+            # the output still can.
+            error_type = classify(returncode if returncode else 1, tail.text()) or "unknown"
     else:
         error_type = classify(returncode, tail.text())
         state = "normal_exit" if error_type is None else "abnormal_exit"

@@ -91,8 +91,8 @@ def _queues(view: dict[str, Any], width: int) -> Table:
                                                               else ""), "green")
         elif q.get("retry_in_s") and q["retry_in_s"] > 0:
             label = Text(f"backing off, {_dur(q['retry_in_s'])} left", "yellow")
-        elif q.get("waiting"):
-            label = Text(q["waiting"], "red" if q.get("status") == "BLOCKED" else "yellow")
+        elif q.get("why"):
+            label = Text(q["why"], "red" if q.get("status") == "BLOCKED" else "yellow")
         else:
             label = Text(state, "grey50" if state == "done" else "")
         table.add_row(str(q["queue"]), progress_bar(q.get("done", 0), q.get("total", 0), bar),

@@ -28,7 +28,7 @@ def test_status_json_explains_a_running_daemon(tmp_path):
 
         view = wait_for(view_ready, 30, "the long task running for a second, flaky backing off")
         queues = {q["queue"]: q for q in view["queues"]}
-        assert queues["big"]["waiting"] == "needs 30 GB (most free: 24.0 GB)"
+        assert queues["big"]["why"] == "needs 30 GB; the largest GPU has 24 GB"
         assert queues["big"]["current_state"] == "pending"
         assert queues["1"]["mean_task_s"] is not None and queues["1"]["eta_s"] == 0.0  # longer than the mean already
         assert queues["1"]["counts"]["completed"] == 1 and queues["1"]["counts"]["running"] == 1

@@ -30,19 +30,19 @@ VIEW = {
     "totals": {"pending": 4, "running": 2, "retrying": 0, "backing_off": 1, "completed": 5, "failed": 1, "blocked": 2},
     "queues": [
         {"queue": "1", "status": "BUSY", "done": 3, "total": 5, "current": "q1-4-0a1b2c3d", "current_state": "running",
-         "gpu": "0", "attempt": 1, "elapsed_s": 754.0, "eta_s": 1290.0, "retry_in_s": None, "waiting": None},
+         "gpu": "0", "attempt": 1, "elapsed_s": 754.0, "eta_s": 1290.0, "retry_in_s": None, "why": None},
         {"queue": "vision", "status": "BUSY", "done": 1, "total": 2, "current": "qvision-2-77aa88bb",
          "current_state": "running", "gpu": "1", "attempt": 3, "elapsed_s": 30.5, "eta_s": None,
-         "retry_in_s": None, "waiting": None},
+         "retry_in_s": None, "why": None},
         {"queue": "2", "status": "IDLE", "done": 0, "total": 3, "current": "q2-1-99887766", "current_state": "pending",
          "gpu": None, "attempt": 1, "elapsed_s": None, "eta_s": None, "retry_in_s": None,
-         "waiting": "needs 30 GB (most free: 12.5 GB)"},
+         "why": "needs 30 GB (most free: 12.5 GB)"},
         {"queue": "3", "status": "BUSY", "done": 1, "total": 2, "current": "q3-2-12121212", "current_state": "retry",
          "gpu": None, "attempt": 4, "elapsed_s": None, "eta_s": None, "retry_in_s": 412.0,
-         "waiting": "backing off after oom"},
+         "why": "backing off after oom"},
         {"queue": "4", "status": "BLOCKED", "done": 0, "total": 3, "current": "q4-1-34343434", "current_state": "failed",
          "gpu": None, "attempt": 3, "elapsed_s": None, "eta_s": None, "retry_in_s": None,
-         "waiting": "blocked: failed for good (runtime_error)"},
+         "why": "failed for good (runtime_error); its queue is blocked"},
     ],
     "gpus": [
         {"index": 0, "key": "0", "name": "NVIDIA A100-SXM4-80GB", "available": True, "total_bytes": 80 * GB,
@@ -85,7 +85,7 @@ def test_screen_says_what_the_researcher_needs():
     """Progress, estimate, memory split, leases, other users, backoff countdown, failures and reasons are on screen."""
     text = watch.render_text(VIEW, True, NOW, width=120)
     for needle in ("3/5", "21m30s", "12.5/80.0", "alice:31337 27.5G", "(lease)", "retry in 6m52s",
-                   "needs 30 GB (most free: 12.5 GB)", "blocked: failed for good", "attempt 3 on GPU 1: oom",
+                   "needs 30 GB (most free: 12.5 GB)", "failed for good (runtime_error); its queue is blocked", "attempt 3 on GPU 1: oom",
                    "(gave up)", "unavailable: GPU is lost", "5s ago", "1m33s"):
         assert needle in text, needle
 
