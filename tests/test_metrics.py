@@ -133,3 +133,21 @@ def scrape_ok(port: int) -> bool:
         return "gpu_compete_gpu_idle_while_waiting_seconds_total" in scrape(port)
     except OSError:
         return False
+
+
+def test_grafana_dashboard_uses_only_exported_metrics():
+    """contrib/grafana-dashboard.json is valid JSON and every metric its queries name is one the server exports."""
+    import json
+    import re
+    from pathlib import Path
+
+    dash = json.loads((Path(__file__).parent.parent / "contrib" / "grafana-dashboard.json").read_text())
+    counts = metrics.HistoryCounts()
+    counts.add([{"state": "abnormal_exit", "error_type": "oom"}])
+    exported = {s.name for f in metrics.families({"updated_epoch": 0, "totals": {"running": 1},
+                                                   "queues": [{"queue": "q", "counts": {"running": 1}}],
+                                                   "gpus": [{"key": "0", "free_bytes": 1, "total_bytes": 2,
+                                                             "ours_bytes": 1, "others_bytes": 0}]},
+                                                  counts, 0) for s in f.samples}
+    named = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"gpu_compete_\w+", t["expr"])}
+    assert named and named <= exported, named - exported
