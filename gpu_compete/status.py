@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import atomic, procs
-from .policy import GpuView, build_views, candidates, fits, head, lease_active, queue_status
+from .policy import GpuView, Placement, build_views, candidates, fits, head, lease_active, queue_status
 from .tasks import GIB, TaskState
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,7 +35,10 @@ def records_view(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     wall = daemon.wall()
     exclusive = daemon.config.exclusive
-    views = build_views(daemon.snapshots, daemon.placements(now), daemon.user, ignored=daemon.ghosts)
+    running = [t for t in daemon.tasks.values() if t.state is TaskState.RUNNING]
+    placements = [Placement(t.gpu, t.spec.vram_bytes, lease_active(t, now, daemon.config.settle))
+                  for t in running if t.gpu is not None]  # as daemon.placements(), without a second scan
+    views = build_views(daemon.snapshots, placements, daemon.user, ignored=daemon.ghosts)
     waits = Waits(views, exclusive, daemon.draining or daemon.force)
     due = {c.uni_id for c in candidates(daemon.queues, now)}
     totals = dict.fromkeys(("pending", "running", "retrying", "backing_off", "completed", "failed", "blocked"), 0)
@@ -53,21 +56,21 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
         for state, n in counts.items():
             totals[state] += n
         current = head(queue)
-        running = current is not None and current.state is TaskState.RUNNING
+        on_gpu = current is not None and current.state is TaskState.RUNNING
         retry_in = _retry_in(current, now)
         entry = {
             "queue": name, "status": qstatus, "done": sum(t.state is TaskState.COMPLETED for t in queue),
             "total": len(queue), "current": current.uni_id if current else None,
             "current_state": current.state.value if current else None,
-            "gpu": current.gpu if running else None, "retry_in_s": retry_in,
+            "gpu": current.gpu if on_gpu else None, "retry_in_s": retry_in,
             "error_type": current.error_type if current else None,
             "why": _why_waiting(daemon, current, qstatus),
             "attempt": current.retry_count + 1 if current else None,
             "adopted": bool(current and current.adopted),
-            "elapsed_s": _elapsed(current, records, now, wall) if running else None,
-            "counts": counts,
+            "elapsed_s": _elapsed(current, records, now, wall) if on_gpu else None,
+            "counts": {k: n for k, n in counts.items() if n},  # only states it has: status.json stays small
         }
-        if current is not None and not running and current.state is not TaskState.FAILED:
+        if current is not None and not on_gpu and current.state is not TaskState.FAILED:
             if current.uni_id not in due and retry_in is not None:
                 entry["why"] = entry["why"] or f"backing off after {current.error_type or 'a failure'}"
                 backing_off.append({"uni_id": current.uni_id, "queue": name, "retry_in_s": retry_in,
@@ -78,7 +81,6 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
                 entry["why"] = waits.why(current.spec.vram_bytes)
         queues.append(entry)
     waiting_vram = [daemon.tasks[u].spec.vram_bytes for u in due if daemon.tasks[u].state is not TaskState.RUNNING]
-    running = [t for t in daemon.tasks.values() if t.state is TaskState.RUNNING]
     gpus = []
     for snap in daemon.snapshots:
         here = [t for t in running if t.gpu == snap.key]
