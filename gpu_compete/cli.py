@@ -461,6 +461,11 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
                     server = metrics.Server(metrics.bind(metrics_host, metrics_port), state)
                 except metrics.MetricsError as exc:
                     _fail(str(exc))
+                import structlog
+
+                host, port = server.address
+                host = f"[{host}]" if ":" in host else host
+                structlog.get_logger("gpu_compete").info("serving metrics", url=f"http://{host}:{port}/metrics")
             try:
                 daemon.resume()
             except DaemonError as exc:

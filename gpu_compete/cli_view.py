@@ -50,9 +50,12 @@ def complete_uni_id(ctx: click.Context, _param: click.Parameter, incomplete: str
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--svg", "svg_file", type=click.Path(dir_okay=False, writable=True),
               help="Also write a timeline picture (one row per GPU, one bar per attempt) to this SVG file.")
-def report(state_dir: str, as_json: bool, svg_file: str | None) -> None:
+@click.option("--since", metavar="TIME",
+              help="Only attempts that ended at or after TIME (local, 2026-11-22T14:00:00 or 2026-11-22).")
+def report(state_dir: str, as_json: bool, svg_file: str | None, since: str | None) -> None:
     """Summarize the history: per task its attempts, durations, GPUs, error types and peak VRAM;
-    per GPU its busy share; totals (makespan, GPU-hours used, GPU-hours idle while work waited)."""
+    per GPU its busy share; totals (makespan, GPU-hours used, GPU-hours idle while work waited).
+    The history holds every run on STATE_DIR; --since keeps the recent ones."""
     from . import journal, timeline
     from . import report as report_mod
 
@@ -62,6 +65,11 @@ def report(state_dir: str, as_json: bool, svg_file: str | None) -> None:
         atts = report_mod.attempts(journal.entries(history))
     except OSError as exc:
         _fail(f"cannot read {history}: {exc.strerror or exc}", 1)
+    if since is not None:
+        start = report_mod.parse_time(since if len(since) > 10 else f"{since}T00:00:00")
+        if start is None:
+            _fail(f"--since {since!r} is not a time like 2026-11-22T14:00:00 or a date like 2026-11-22")
+        atts = [a for a in atts if a.end is not None and a.end >= start]
     gpus: list[str] = []
     try:  # GPUs that never ran anything still get a row, from the last status.json
         gpus = [str(g.get("key", g.get("index"))) for g in json.loads((state / "status.json").read_text())["gpus"]]
@@ -122,7 +130,7 @@ def logs(uni_id: str, state_dir: str, follow: bool, attempt: int | None) -> None
     state = _state_dir(state_dir)
     path = state / "logs" / f"{uid}.log"
     out = sys.stdout.buffer
-    if follow:
+    if follow and (path.exists() or not _task_over(state, uid)):
         try:
             for chunk in tasklog.follow(path, uid, attempt, lambda: _task_over(state, uid)):
                 out.write(chunk)

@@ -90,3 +90,9 @@ def test_logs_follow_a_real_task_until_it_ends(tmp_path):
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait()
+
+
+def test_follow_without_log_or_daemon_says_there_is_no_log(tmp_path):
+    """`logs -f` of a task that has no log and nothing to start it fails at once instead of waiting forever."""
+    out = run_gpu_compete("logs", "q1-1-x", "-f", "--state-dir", str(tmp_path), env=clean_env())
+    assert out.returncode == 1 and "no log for q1-1-x" in out.stderr

@@ -134,3 +134,16 @@ def test_report_cli_on_empty_state_dir(tmp_path):
     """With no history yet the report says so and exits 0."""
     out = run_gpu_compete("report", "--state-dir", str(tmp_path), env=clean_env())
     assert out.returncode == 0 and "no attempts" in out.stdout
+
+
+def test_report_since_keeps_recent_attempts(tmp_path):
+    """--since leaves out attempts that ended before it; a bad time exits 2."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "history.jsonl").write_text("".join(json.dumps(e) + "\n" for e in HISTORY))
+    since = iso(T0 + 15, ms=False)
+    out = run_gpu_compete("report", "--state-dir", str(state), "--json", "--since", since, env=clean_env())
+    assert out.returncode == 0, out.stderr
+    assert [t["uni_id"] for t in json.loads(out.stdout)["tasks"]] == ["q1-2-c", "q3-1-d"]
+    out = run_gpu_compete("report", "--state-dir", str(state), "--since", "last week", env=clean_env())
+    assert out.returncode == 2 and "--since 'last week'" in out.stderr

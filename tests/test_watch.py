@@ -114,7 +114,12 @@ class Screen:
     def __init__(self, argv, env, cols=80, rows=40):
         self.master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)
+        def controlling_tty():  # a session of its own with the pty as its terminal: Ctrl-C is SIGINT
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
+                                     preexec_fn=controlling_tty)
         os.close(slave)
         self.raw = b""
 
@@ -156,4 +161,21 @@ def test_watch_in_a_terminal_waits_for_a_daemon_then_quits_on_q(tmp_path):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        os.close(screen.master)
+
+
+def test_watch_quits_on_ctrl_c_and_restores_the_terminal(tmp_path):
+    """Ctrl-C typed in the terminal ends watch with status 0 and leaves the alternate screen."""
+    screen = Screen(gpu_compete_cmd("watch", "--state-dir", str(tmp_path), "--interval", "0.2"),
+                    clean_env(TERM="xterm-256color"))
+    try:
+        screen.wait_for("no daemon running")
+        os.write(screen.master, b"\x03")
+        assert screen.proc.wait(timeout=10) == 0
+        screen.read()
+        assert b"\x1b[?1049l" in screen.raw  # rich left the alternate screen
+    finally:
+        if screen.proc.poll() is None:
+            screen.proc.kill()
+            screen.proc.wait()
         os.close(screen.master)
