@@ -7,7 +7,6 @@ registry); none of them talks to the daemon.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,32 +14,10 @@ from typing import Any
 import click
 
 from .cli import _fail, _state_dir, _uni_id, main
+from .completion import complete_uni_id
 
 STATE_DIR_OPT = click.option("--state-dir", default="script_process", show_default=True,
                              envvar="GPU_COMPETE_STATE_DIR", help="The daemon's state directory.")
-
-
-def known_uni_ids(state_dir: str | os.PathLike[str]) -> list[str]:
-    """uni_ids a user may mean: the registry's records and the tasks that have a log."""
-    from .registry import Registry, RegistryError
-
-    state = Path(state_dir)
-    ids: set[str] = set()
-    try:
-        ids |= set(Registry(state / "uni_id.json").read())
-    except (RegistryError, OSError):
-        pass
-    try:
-        ids |= {p.name[:-4] for p in (state / "logs").iterdir() if p.name.endswith(".log")}
-    except OSError:
-        pass
-    return sorted(ids)
-
-
-def complete_uni_id(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[str]:
-    """Shell completion of a uni_id argument, from the state directory named on the line so far."""
-    state = ctx.params.get("state_dir") or os.environ.get("GPU_COMPETE_STATE_DIR") or "script_process"
-    return [u for u in known_uni_ids(state) if u.startswith(incomplete)]
 
 
 # --- report ----------------------------------------------------------------------------------
