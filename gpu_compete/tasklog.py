@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-_START = re.compile(rb"^==== \S+ start (\S+) .*?(?:: attempt (\d+) on GPU)?", re.M)
+# `==== TIME start UNI_ID (supervisor PID): attempt N on GPU G: ...` from the daemon;
+# `==== TIME start UNI_ID (supervisor PID): CMD` from `gpu-compete exec --log`.
+_START = re.compile(rb"^==== \S+ start (\S+) \(supervisor \d+\)(?:: attempt (\d+) on GPU)?", re.M)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,14 @@ def test_sections_split_by_headers_and_see_end_lines():
     assert tasklog.select(LOG, "q1-1-x", None) == LOG
 
 
+def test_attempt_numbers_come_from_the_headers():
+    """A log whose first attempts were lost (or a --fresh rerun) is numbered as its headers say; a repeat means the last."""
+    log = LOG.replace(b"attempt 1 on", b"attempt 4 on").replace(b"attempt 2 on", b"attempt 5 on")
+    assert [p.number for p in tasklog.sections(log, "q1-1-x")] == [4, 5]
+    rerun = LOG + LOG.replace(b"first try", b"again")
+    assert b"again" in tasklog.select(rerun, "q1-1-x", 1)
+
+
 def test_exec_logs_without_attempt_numbers_count_by_position():
     """A `gpu-compete exec --log` header names no attempt: attempts are numbered in order."""
     log = (b"==== T start e1 (supervisor 1): python a.py\nA\n==== T end e1: status 0, normal_exit\n"
