@@ -64,7 +64,7 @@ class Observer:
     _tail: journal.Tail | None = None
     _prev: Round | None = None
     _before: frozenset[str] = frozenset()
-    _running: dict[str, dict[str, Any]] | None = None
+    _running: dict[tuple[str, Any], dict[str, Any]] | None = None
 
     def start(self) -> None:
         """Read the history once for past durations and failures; follow it from its end."""
@@ -105,13 +105,14 @@ class Observer:
         self.idle_seconds += idle_increment(self._prev, cur, freed)
         self._prev, self._before = cur, frozenset()
         self._ingest(entries, fire=True)  # ends before starts: a GPU's next task follows its last
-        running = {q["current"]: q for q in view.get("queues", ())
+        # By (uni_id, attempt): a failed task relaunched within the same round starts again.
+        running = {(q["current"], q.get("attempt")): q for q in view.get("queues", ())
                    if q.get("current_state") == "running" and q.get("current")}
         if self.hooks is not None:
             first = self._running is None
-            for uid, q in running.items():
-                if uid not in (self._running or {}) and not (first and q.get("adopted")):
-                    self.hooks.fire("task_start", uni_id=uid, queue=q["queue"], gpu=q.get("gpu"), state="running")
+            for key, q in running.items():
+                if key not in (self._running or {}) and not (first and q.get("adopted")):
+                    self.hooks.fire("task_start", uni_id=key[0], queue=q["queue"], gpu=q.get("gpu"), state="running")
         self._running = running
         if self.hooks is not None:
             self.hooks.reap()

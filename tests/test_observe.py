@@ -87,6 +87,16 @@ def test_events_from_views_and_history_lines(tmp_path):
     assert hooks.fired[-1][0] == "all_done" and hooks.fired[-1][2]["state"] == "completed" and hooks.closed
 
 
+def test_a_retry_relaunched_in_the_same_round_starts_again(tmp_path):
+    """A task that failed and was relaunched within one round (same uni_id, next attempt) fires task_start again."""
+    hooks = FakeHooks()
+    obs = Observer(tmp_path / "h.jsonl", hooks)  # type: ignore[arg-type]
+    q = {"queue": "1", "current": "x", "current_state": "running", "attempt": 1}
+    obs.round({"queues": [q]})
+    obs.round({"queues": [dict(q, attempt=2)]})
+    assert [e[0] for e in hooks.fired] == ["task_start", "task_start"]
+
+
 def test_adopted_tasks_fire_no_start_at_the_first_round(tmp_path):
     """A task a restarted daemon adopts was started before: no task_start for it."""
     hooks = FakeHooks()
