@@ -96,3 +96,20 @@ def test_daemon_fires_events_for_a_real_run(tmp_path):
     assert lines[-1] == "all_done - failed"
     assert lines.index(f"task_start {good} running") < lines.index(f"task_end {good} normal_exit")
     assert os.path.exists(run.state / "hooks.log")
+
+
+def test_hanging_hooks_neither_hold_tasks_nor_outlive_the_daemon(tmp_path):
+    """With a hook that hangs on every event, tasks still run one after another and the daemon ends the hooks when it exits."""
+    run = DaemonRun(tmp_path, [("1", 1, "a", 0.1, "ok"), ("1", 1, "b", 0.1, "ok"), ("1", 1, "c", 0.1, "ok")],
+                    simulate="1x24")
+    token = f"hang-{os.getpid()}-{tmp_path.name}"
+    proc = subprocess.run(run.argv("--on-event", f"sleep 120; echo {token}", "--hook-timeout", "1"),
+                          capture_output=True, text=True, timeout=60, env=clean_env())
+    assert proc.returncode == 0, proc.stderr
+    assert len([a for a in run.attempts() if a.status == 0]) == 3
+    assert "killed after 1 s (--hook-timeout)" in proc.stderr
+    assert proc.stderr.count("--on-event hook failed") == 1  # logged once, not at every event
+
+    def hooks_gone():
+        return not [p for p in psutil.process_iter(["cmdline"]) if token in " ".join(p.info["cmdline"] or [])]
+    wait_for(hooks_gone, 10, "no hook left running")
