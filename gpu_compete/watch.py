@@ -75,7 +75,13 @@ def _header(view: dict[str, Any] | None, running: bool, now: float, state_dir: s
     return head
 
 
-def _queues(view: dict[str, Any], width: int) -> Table:
+def _later(seconds: Any, age: float, sign: int) -> Any:
+    """A duration from the view, moved on by the view's age (the daemon writes it once a round,
+    the screen is redrawn every second): elapsed times grow, countdowns shrink."""
+    return max(0.0, seconds + sign * age) if isinstance(seconds, (int, float)) else seconds
+
+
+def _queues(view: dict[str, Any], width: int, age: float = 0.0) -> Table:
     bar = 10 if width < 100 else 16
     table = Table(title="queues", title_justify="left", expand=False, box=None, pad_edge=False, show_edge=False)
     table.add_column("QUEUE", no_wrap=True)
@@ -90,13 +96,14 @@ def _queues(view: dict[str, Any], width: int) -> Table:
             label = Text(f"running on GPU {q.get('gpu')}" + (f" (attempt {q['attempt']})" if (q.get("attempt") or 1) > 1
                                                               else ""), "green")
         elif q.get("retry_in_s") and q["retry_in_s"] > 0:
-            label = Text(f"backing off, {_dur(q['retry_in_s'])} left", "yellow")
+            label = Text(f"backing off, {_dur(_later(q['retry_in_s'], age, -1))} left", "yellow")
         elif q.get("why"):
             label = Text(q["why"], "red" if q.get("status") == "BLOCKED" else "yellow")
         else:
             label = Text(state, "grey50" if state == "done" else "")
         table.add_row(str(q["queue"]), progress_bar(q.get("done", 0), q.get("total", 0), bar),
-                      q.get("current") or "-", label, _dur(q.get("elapsed_s")), _dur(q.get("eta_s")))
+                      q.get("current") or "-", label, _dur(_later(q.get("elapsed_s"), age, 1)),
+                      _dur(_later(q.get("eta_s"), age if state == "running" else 0.0, -1)))
     return table
 
 
@@ -125,13 +132,13 @@ def _gpus(view: dict[str, Any], width: int) -> Table:
     return table
 
 
-def _lists(view: dict[str, Any]) -> list[Text]:
+def _lists(view: dict[str, Any], age: float = 0.0) -> list[Text]:
     out = []
     backing = view.get("backing_off") or []
     if backing:
         out.append(Text("backing off", "bold"))
         for b in backing:
-            out.append(Text(f"  {b['uni_id']} (queue {b['queue']}): retry in {_dur(b.get('retry_in_s'))} after "
+            out.append(Text(f"  {b['uni_id']} (queue {b['queue']}): retry in {_dur(_later(b.get('retry_in_s'), age, -1))} after "
                             f"{b.get('retry_count')} failures ({b.get('error_type')})", "yellow"))
     failures = (view.get("recent_failures") or [])[:RECENT]
     if failures:
@@ -146,8 +153,10 @@ def _lists(view: dict[str, Any]) -> list[Text]:
 def renderable(view: dict[str, Any] | None, running: bool, now: float, state_dir: str, width: int = 80) -> Group:
     parts: list[Any] = [_header(view, running, now, state_dir)]
     if view and "queues" in view:
-        parts += [Text(""), _queues(view, width), Text(""), _gpus(view, width)]
-        extra = _lists(view)
+        epoch = view.get("updated_epoch")
+        age = max(0.0, now - epoch) if running and isinstance(epoch, (int, float)) else 0.0
+        parts += [Text(""), _queues(view, width, age), Text(""), _gpus(view, width)]
+        extra = _lists(view, age)
         if extra:
             parts += [Text(""), *extra]
     return Group(*parts)
