@@ -87,7 +87,12 @@ def _task_over(state: Path, uni_id: str) -> bool:
     if running_daemon(state) is None:
         return True
     if record is None:
-        return uni_id in journal.completed(state / "history.jsonl")
+        if uni_id in journal.completed(state / "history.jsonl"):
+            return True
+        try:  # a task the running daemon doesn't have will not start
+            return uni_id not in json.loads((state / "status.json").read_text())["task_ids"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
     return record.get("state") == "normal_exit"
 
 

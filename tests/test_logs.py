@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 
 from gpu_compete import tasklog
@@ -104,3 +105,23 @@ def test_follow_without_log_or_daemon_says_there_is_no_log(tmp_path):
     """`logs -f` of a task that has no log and nothing to start it fails at once instead of waiting forever."""
     out = run_gpu_compete("logs", "q1-1-x", "-f", "--state-dir", str(tmp_path), env=clean_env())
     assert out.returncode == 1 and "no log for q1-1-x" in out.stderr
+
+
+def test_follow_stops_for_a_task_the_running_daemon_does_not_have(tmp_path):
+    """`logs -f` of an old task's log, while a daemon runs other tasks, prints it and ends instead of waiting forever."""
+    run = DaemonRun(tmp_path, [("1", 1, "slow", 20, "ok")], simulate="1x24")
+    (run.state / "logs").mkdir(parents=True)
+    (run.state / "logs" / "q1-1-x.log").write_bytes(LOG)
+    daemon = subprocess.Popen(run.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
+    try:
+        wait_for(lambda: (run.state / "status.json").exists(), 15, "the daemon's status.json")
+        out = subprocess.run(gpu_compete_cmd("logs", "q1-1-x", "-f", "--state-dir", str(run.state)),
+                             capture_output=True, timeout=30, env=clean_env())
+        assert out.returncode == 0 and out.stdout == LOG
+        assert daemon.poll() is None  # it was followed while the daemon ran
+        daemon.send_signal(signal.SIGUSR2)  # end its task too, as `stop --kill` does
+        daemon.wait(timeout=30)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
