@@ -157,6 +157,7 @@ def test_watch_in_a_terminal_waits_for_a_daemon_then_quits_on_q(tmp_path):
         screen.wait_for("running on GPU 0")
         os.write(screen.master, b"q")
         assert screen.proc.wait(timeout=10) == 0
+        assert daemon.wait(timeout=30) == 0  # its task ends by itself; nothing is left behind
     finally:
         for proc in (screen.proc, daemon):
             if proc is not None and proc.poll() is None:
