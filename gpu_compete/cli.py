@@ -136,6 +136,9 @@ def main() -> None:
     gpu-compete check --commands command.txt    parse and show, run nothing
     gpu-compete status                          what a running daemon is doing
     gpu-compete gpus --simulate 4x24            what the scheduler sees
+    gpu-compete watch                           a live full-screen view
+    gpu-compete logs UNI_ID -f                  follow a task's log
+    gpu-compete report --svg run.svg            what happened, and a timeline
     """
     _warnings_to_stderr()
 

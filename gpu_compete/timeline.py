@@ -55,7 +55,8 @@ def render(atts: Iterable[Attempt], gpus: Iterable[str] = (), width: int = 900, 
         kind = outcome(a)
         tip = (f"{a.uni_id} attempt {a.attempt if a.attempt is not None else '?'}: {kind}"
                f"{f' ({a.error_type})' if a.error_type and kind == 'failed' else ''}, "
-               f"{duration_text(a.duration)} from {time.strftime('%H:%M:%S', time.localtime(a.start))}")
+               f"{duration_text(a.duration)} from {time.strftime('%H:%M:%S', time.localtime(a.start))}"
+               + (f", peak {a.peak_vram_gb:g} GB" if a.peak_vram_gb is not None else ""))
         out.append(f'<g class="attempt"><title>{escape(tip)}</title>'
                    f'<rect class="attempt" x="{x0:.1f}" y="{y:.1f}" width="{w:.1f}" height="{BAR_H}" '
                    f'fill="{COLORS[kind]}" stroke="#ffffff" stroke-width="1"/>')

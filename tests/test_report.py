@@ -109,6 +109,8 @@ def test_svg_is_valid_with_one_bar_per_timed_attempt():
     root = ET.fromstring(timeline.render(tiny))
     assert "q9-1-longname" not in [t.text for t in root.iter(f"{SVG}text")]
     assert any("q9-1-longname" in (t.text or "") for t in root.iter(f"{SVG}title"))
+    tips = [t.text for t in ET.fromstring(svg).iter(f"{SVG}title")]
+    assert any("q2-1-b attempt 1: oom" in t and "peak 23.5 GB" in t for t in tips)
 
 
 def test_svg_escapes_what_it_writes():
