@@ -475,15 +475,13 @@ class Daemon:
             return
         self.children[task.uni_id] = child
         task.state, task.gpu, task.launched_at, task.confirmed, task.adopted = TaskState.RUNNING, gpu, now, False, False
+        ct = procs.create_time(child.pid)
         fields = {"state": "running", "retry_count": task.retry_count, "gpu": key_to_record(gpu),
                   "queue": task.spec.queue, "attempt": attempt, "supervisor_pid": child.pid,
-                  "started_at": _iso(self.wall()), "updated_at": _iso(self.wall())}
+                  "supervisor_create_time": ct, "started_at": _iso(self.wall()), "updated_at": _iso(self.wall())}
         uid = task.uni_id
 
         def change(data: dict[str, Any]) -> None:
-            # Read when the round's registry write happens, after all its launches: the
-            # supervisor (our unreaped child) can't be another process by then.
-            ct = fields.setdefault("supervisor_create_time", procs.create_time(child.pid))
             old = data.get(uid) if isinstance(data.get(uid), dict) else {}
             if old.get("exec_pid") == child.pid:
                 # This attempt's supervisor wrote first (a fast task may even have ended): what
