@@ -136,6 +136,7 @@ def main() -> None:
     gpu-compete check --commands command.txt    parse and show, run nothing
     gpu-compete status                          what a running daemon is doing
     gpu-compete gpus --simulate 4x24            what the scheduler sees
+    gpu-compete add -q 1 -v 20 -- CMD...        append a task while the daemon runs
     """
     _warnings_to_stderr()
 
@@ -402,17 +403,21 @@ def _env(name: str) -> str:
 @click.option("--fresh", is_flag=True, envvar=_env("FRESH"), help="Ignore the history: run completed tasks again.")
 @click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto", show_default=True,
               envvar=_env("LOG_FORMAT"), help="Logs go to stderr: readable, or one JSON object a line.")
+@click.option("--follow", is_flag=True, envvar=_env("FOLLOW"),
+              help="Don't exit when every task is done: wait for the command file to grow, like tail -f.")
 def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, state_dir: str,
         registry_file: str | None, poll: float, settle: float, retry_burst: int, backoff: float,
         max_retries: int | None, status_every: float, seed: int | None, pick: str, dry_run: bool,
-        simulate: str | None, fresh: bool, log_format: str) -> None:
+        simulate: str | None, fresh: bool, log_format: str, follow: bool) -> None:
     """Run the command file's queues until every task has completed (or failed for good).
 
     Exit status: 0 all completed, 1 some failed for good, 2 bad input, 130 stopped first.
-    SIGINT/SIGTERM drain (a second one ends the tasks); SIGUSR1 prints status.
+    SIGINT/SIGTERM drain (a second one ends the tasks); SIGUSR1 prints status; SIGHUP reloads
+    the command file (which is also followed: edits apply within a round).
     Every option can also be set in the environment as GPU_COMPETE_<NAME>, e.g.
     GPU_COMPETE_POLL=0.5 or GPU_COMPETE_STATE_DIR=/scratch/me/state.
     """
+    from .commandbook import CommandBook
     from .daemon import Config, Daemon, DaemonError
     from .logs import configure
     from .policy import RetryPolicy
@@ -431,7 +436,8 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
                     seed=seed, pick=pick, fresh=fresh)
     probe = _open_probe(simulate, gpu_scope, namespace=str(state))
     try:
-        daemon = Daemon(config, parsed.tasks, probe)
+        book = CommandBook(Path(commands_file).resolve(), parsed)
+        daemon = Daemon(config, parsed.tasks, probe, book=book, follow=follow)
         if dry_run:
             try:
                 click.echo(daemon.dry_run())
@@ -453,6 +459,11 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
     finally:
         probe.close()
     sys.exit(code)
+
+
+from .steer_cli import register as _register_steering  # noqa: E402  (needs `main`)
+
+_register_steering(main)
 
 
 def entry() -> None:

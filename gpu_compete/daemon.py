@@ -28,6 +28,7 @@ from .ledger import Ledger
 from .policy import (Placement, RetryPolicy, build_views, candidates, lease_active, plan_round,
                      queue_status)
 from .registry import Registry, RegistryError, private_dirs
+from .steering import Steering
 from .tasks import GIB, Queue, Task, TaskSpec, TaskState, group_queues
 from .wakeloop import WakeLoop
 
@@ -79,7 +80,8 @@ def _parse_iso(text: Any) -> float | None:
 class Daemon:
     def __init__(self, config: Config, specs: list[TaskSpec], probe: GpuProbe, *,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 rng: random.Random | None = None, out: Callable[[str], None] = print):
+                 rng: random.Random | None = None, out: Callable[[str], None] = print,
+                 book: Any = None, follow: bool = False):
         self.config = config
         self.probe = probe
         self.clock, self.wall = clock, wall
@@ -102,6 +104,7 @@ class Daemon:
         self.draining = self.force = self.status_requested = False
         self.next_status = 0.0
         self._pidfile_fd: int | None = None
+        self.steer = Steering(self, book, follow)  # reloads and control requests
 
     # --- start-up --------------------------------------------------------------------------
 
@@ -129,6 +132,7 @@ class Daemon:
         live processes adopted, failures and backoffs carried on."""
         now, wall = self.clock(), self.wall()
         try:
+            self.steer.migrate()
             self.ledger.journaled = journal.completed(self.config.history)
             gave_up = {} if self.config.fresh else journal.failed_for_good(self.config.history)
         except OSError as exc:
@@ -186,6 +190,7 @@ class Daemon:
                 self._failed(task, self._why(task, record), now)
         if stale:
             self.ledger.write(lambda data: [data.pop(u, None) for u in stale])
+        self.steer.restore()
 
     def _adopt(self, task: Task, record: dict[str, Any], now: float) -> None:
         """Wait on a task an earlier daemon started, rather than start it again."""
@@ -205,8 +210,10 @@ class Daemon:
     def tick(self) -> None:
         now = self.clock()
         self.ledger.flush()
+        self.steer.before_round(now)
         with self.ledger.batch():
             self._collect(now)
+            self.steer.after_collect(now)
             self.snapshots = self.probe.snapshot()
             self._confirm(now)
             if not self.draining and not self.force:
@@ -321,6 +328,8 @@ class Daemon:
         self._failed(task, "lost", now, note=why)
 
     def _failed(self, task: Task, error_type: str, now: float, note: str | None = None) -> None:
+        if self.steer.stopped_on_purpose(task, now):
+            return
         decision = self.config.retry.after_failure(task.retry_count, now)
         task.retry_count, task.error_type = decision.retry_count, error_type
         self._task_ended(task, now)
@@ -388,7 +397,7 @@ class Daemon:
                 for t in self.tasks.values() if t.state is TaskState.RUNNING and t.gpu is not None]
 
     def _plan_and_launch(self, now: float) -> None:
-        cands = candidates(self.queues, now)
+        cands = self.steer.allowed(candidates(self.queues, now))
         if not cands:
             self.waiting_why = {}
             return
@@ -471,7 +480,9 @@ class Daemon:
             records = self.registry.read()
         except RegistryError:
             records = {}
-        return status.build(self, now, records)
+        view = status.build(self, now, records)
+        self.steer.view(view)
+        return view
 
     def _write_status(self) -> None:
         try:
@@ -487,11 +498,11 @@ class Daemon:
         running = any(t.state is TaskState.RUNNING for t in self.tasks.values())
         if self.draining:
             return not running
-        return all(queue_status(q) in ("DONE", "BLOCKED") for q in self.queues.values())
+        return self.steer.finished_ok() and all(queue_status(q) in ("DONE", "BLOCKED") for q in self.queues.values())
 
     def exit_code(self) -> int:
         states = {t.state for t in self.tasks.values()}
-        if states <= {TaskState.COMPLETED}:
+        if states <= {TaskState.COMPLETED, TaskState.SKIPPED}:
             return EXIT_OK
         if all(queue_status(q) in ("DONE", "BLOCKED") for q in self.queues.values()):
             return EXIT_FAILED
@@ -507,11 +518,14 @@ class Daemon:
             self.draining = self.force = True
         elif signum == signal.SIGUSR1:
             self.status_requested = True
+        elif signum == signal.SIGHUP:
+            self.steer.reload_requested = True
 
     def run(self) -> int:
         was_draining = False
         self.loop = WakeLoop(self.on_signal, self.clock)
         with self.loop:
+            self.steer.open(self.loop)
             try:
                 while True:
                     start = self.clock()
@@ -529,6 +543,7 @@ class Daemon:
                         break
                     self.loop.sleep_until(start + self.config.poll)
             finally:
+                self.steer.close()
                 self._write_status()
         self.out(status.render(self.view()))
         code = self.exit_code()
