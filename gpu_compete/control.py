@@ -92,7 +92,7 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
-        sock.listen(MAX_CLIENTS)
+        sock.listen(64)
         sock.setblocking(False)
         self.sock, self._loop = sock, loop
         loop.add_reader(sock.fileno(), self._accept)
@@ -252,7 +252,10 @@ def request(state_dir: Path, payload: dict[str, Any], daemon_pid: int | None, ti
             raise ControlError(f"{path} is not served by the gpu-compete daemon of {state_dir} "
                                f"(pid {pid}, uid {uid}); refusing to talk to it")
         try:
-            sock.sendall(json.dumps(payload).encode() + b"\n")
+            try:
+                sock.sendall(json.dumps(payload).encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # it answered (a refusal) before reading all: read the answer
             data = b""
             while b"\n" not in data:
                 chunk = sock.recv(65536)

@@ -76,9 +76,15 @@ class Live:
     def start(self, *extra: str) -> subprocess.Popen:
         self.proc = subprocess.Popen(self.argv(*extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env=clean_env())
-        wait_for(lambda: (self.state / "control.sock").exists() or self.proc.poll() is not None, 15,
-                 "the daemon's control socket")
+        wait_for(lambda: self._serving() or self.proc.poll() is not None, 15, "the daemon's first round")
         return self.proc
+
+    def _serving(self) -> bool:
+        """The daemon wrote its first status (its control socket opens before that)."""
+        try:
+            return json.loads((self.state / "status.json").read_text())["daemon"]["pid"] == self.proc.pid
+        except (OSError, ValueError, KeyError):
+            return False
 
     def wait(self, timeout: float = 30) -> tuple[int, str, str]:
         try:
