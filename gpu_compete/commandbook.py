@@ -80,13 +80,11 @@ class CommandBook:
         self.aliases: dict[str, str] = {}  # new uni_id -> the old one it still runs under
         self.specs: list[TaskSpec] = list(parsed.tasks)
         self.error: str | None = None  # what is wrong with the file on disk now
+        # Nothing noted yet: the first check reads the file again, so an edit made between the
+        # daemon's first parse and its first round is not missed (it costs one parse).
         self._signature: tuple[int, ...] | None = None
         self._digest: str | None = None
         self._racy = True
-        try:
-            self._note(os.stat(self.path), self.path.read_bytes())
-        except OSError:
-            pass
 
     def with_aliases(self, specs: list[TaskSpec]) -> list[TaskSpec]:
         return [dataclasses.replace(s, uni_id=self.aliases[s.uni_id]) if s.uni_id in self.aliases else s

@@ -73,9 +73,9 @@ class Live:
                 "--state-dir", str(self.state), "--simulate", self.simulate, "--poll", "0.2",
                 "--status-every", "0", "--seed", "1", "--log-format", "json", *extra]
 
-    def start(self, *extra: str) -> subprocess.Popen:
+    def start(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         self.proc = subprocess.Popen(self.argv(*extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=clean_env())
+                                     env=clean_env(**(env or {})))
         wait_for(lambda: self._serving() or self.proc.poll() is not None, 15, "the daemon's first round")
         return self.proc
 

@@ -39,7 +39,9 @@ def book_at(tmp_path, text=FILE):
     path.write_text(text)
     wall = Wall()
     wall.ns = path.stat().st_mtime_ns + 10**10  # long after the write: not racy
-    return path, CommandBook(path, load(path), wall_ns=wall), wall
+    book = CommandBook(path, load(path), wall_ns=wall)
+    assert [s.uni_id for s in book.check()] == ids(text)  # the first check reads the file once
+    return path, book, wall
 
 
 # --- the diff --------------------------------------------------------------------------------
@@ -86,6 +88,7 @@ def test_an_edit_in_the_same_clock_tick_is_seen(tmp_path):
     wall = Wall()
     wall.ns = st.st_mtime_ns + 10**9  # read one second after the write: racy
     book = CommandBook(path, load(path), wall_ns=wall)
+    book.check()
     path.write_text(FILE.replace("echo a", "echo z"))  # same size
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime
     specs = book.check()

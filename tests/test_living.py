@@ -195,9 +195,10 @@ def test_a_restart_after_edits_reruns_nothing_completed_and_starts_nothing_twice
 
 
 def test_follow_waits_for_the_file_to_grow(live):
-    """With --follow the daemon stays when all is done, and runs a block appended later."""
+    """With GPU_COMPETE_FOLLOW=1 (--follow) the daemon stays when all is done, and runs a block
+    appended later."""
     run = live([block("A")])
-    run.start("--follow")
+    run.start(env={"GPU_COMPETE_FOLLOW": "1"})
     wait_for(lambda: run.ends("A") == 1, 15, "A")
     run.rounds_pass()
     assert run.proc.poll() is None
