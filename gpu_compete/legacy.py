@@ -62,7 +62,10 @@ def migrate(specs: list[TaskSpec], history: Path, registry: Registry,
                 data[new] = data.pop(old)
 
     if renamed:
-        registry.update(rename)
+        try:
+            registry.update(rename)
+        except RegistryError as exc:  # the history lines already carry what matters most
+            log.error("cannot rename registry records to the new uni_ids", error=str(exc))
     log.info("carried tasks over from position-based uni_ids", tasks=len(found) - len(aliases),
              history_lines=copied, records=len(renamed), still_running_under_old_id=sorted(aliases.values()))
     return aliases
