@@ -2,7 +2,8 @@
 
 - the per-round check of an unchanged file (one stat): target well under 1 ms;
 - a reload after one block is appended to a 10,000-task file in 1,000 queues: read, parse,
-  diff and rebuild the queues (in-process, no daemon, no GPUs): target < 200 ms;
+  diff and rebuild the queues (in-process, no daemon, no GPUs): target < 300 ms (the
+  parse is most of it, about 15 µs a task);
 - one `gpu-compete add`-style append to that file under its lock (read, validate, write,
   fsync).
 

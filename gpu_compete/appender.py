@@ -61,13 +61,11 @@ def append(path: str | os.PathLike[str], block: str) -> tuple[str, int]:
             if not _same_file(fd, path):
                 continue  # replaced while we waited for the lock: lock the new one
             data = _read_all(fd)
-            if data.strip():
-                try:
-                    decode(data, str(path))
-                except CommandFileError as exc:
-                    raise AddError(f"{exc}; fix the command file first, nothing was added") from None
             prefix = b"" if not data or data.endswith(b"\n\n") else b"\n" if data.endswith(b"\n") else b"\n\n"
-            new = decode(data + prefix + encoded, str(path))
+            try:  # one parse of the file as it will be: the block alone was checked already,
+                new = decode(data + prefix + encoded, str(path))  # so an error is the file's own
+            except CommandFileError as exc:
+                raise AddError(f"{exc}; fix the command file first, nothing was added") from None
             task = new.tasks[-1]
             os.write(fd, prefix + encoded)
             os.fsync(fd)
