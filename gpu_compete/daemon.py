@@ -25,8 +25,10 @@ import structlog
 from . import evidence, journal, launcher, pidfile, procs, status, stopping
 from .gpus.base import (PID_NAMESPACE_WARNING, GpuProbe, GpuSnapshot, current_user, key_from_record,
                         key_to_record, pid_namespace_mismatch, without_owners)
+from .hooks import Hooks
 from .ledger import Ledger
-from .policy import (Placement, RetryPolicy, build_views, candidates, lease_active, plan_round,
+from .observe import Observer
+from .policy import (Placement, RetryPolicy, build_views, candidates, fits, lease_active, plan_round,
                      queue_status)
 from .registry import Registry, RegistryError, private_dirs
 from .steering import Steering
@@ -61,6 +63,8 @@ class Config:
     pick: str = "longest"
     fresh: bool = False
     kill_grace: float = 10.0
+    on_event: str | None = None  # shell command run (not waited for) on task_start, task_end, ...
+    hook_timeout: float = 30.0
 
     @property
     def history(self) -> Path:
@@ -106,6 +110,8 @@ class Daemon:
         self.draining = self.force = self.status_requested = False
         self.next_status = 0.0
         self._pidfile_fd: int | None = None
+        hooks = Hooks(config.on_event, config.hook_timeout, config.state_dir / "hooks.log") if config.on_event else None
+        self.observer = Observer(config.history, hooks, clock, wall)
         self.steer = Steering(self, book, follow)  # reloads and control requests
 
     # --- start-up --------------------------------------------------------------------------
@@ -313,8 +319,10 @@ class Daemon:
         return successes
 
     def _task_ended(self, task: Task, now: float) -> None:
-        """Its processes may linger in NVML's list for a moment: not counted from now on."""
-        for pid in self.gpu_pids.pop(task.uni_id, ()):
+        """Its processes may linger in NVML's list for a moment: not counted from now on (those
+        seen on its GPU, and its supervisor and worker, for a task that ended before a round
+        could see it there)."""
+        for pid in self.gpu_pids.pop(task.uni_id, set()) | self._roots(task):
             self.ghosts[pid] = now + GHOST_S
         self.children.pop(task.uni_id, None)
 
@@ -369,9 +377,11 @@ class Daemon:
             record["updated_at"] = _iso(self.wall())
             data[uid] = record
 
-        self.ledger.write(change)
+        self.ledger.write(change, uid)
+        known = self.known.get(uid, {})
         entry = {"uni_id": uid, "state": "abnormal_exit", "error_type": error_type, "queue": task.spec.queue,
-                 "gpu": key_to_record(task.gpu), "attempt": decision.retry_count, "end": _iso(self.wall())}
+                 "gpu": key_to_record(task.gpu), "attempt": decision.retry_count, "start": known.get("started_at"),
+                 "exit_status": known.get("exit_status"), "end": known.get("ended_at") or _iso(self.wall())}
         if fields.get("gave_up"):
             entry["gave_up"] = True
         self.ledger.append(entry)
@@ -433,10 +443,12 @@ class Daemon:
             self.waiting_why = {}
             return
         views = build_views(self.snapshots, self.placements(now), self.user, ignored=self.ghosts)
+        smallest = min(c.vram_bytes for c in cands)
+        self.observer.planning(v.key for v in views if fits(v, smallest, self.config.exclusive))
         snaps = {s.key: s for s in self.snapshots}
         plan = plan_round(cands, views, self.rng, self.config.exclusive, self.config.pick)
-        if plan:
-            self.ledger.write_pending()  # a failure recorded this round lands before the retry starts
+        if any(launch.uni_id in self.ledger.touched for launch in plan):
+            self.ledger.write_pending()  # a failure recorded this round lands before its retry starts
         for launch in plan:
             self._launch(self.tasks[launch.uni_id], snaps[launch.gpu], now)
         self._explain_waits(cands, {launch.uni_id for launch in plan})
@@ -472,13 +484,15 @@ class Daemon:
             return
         self.children[task.uni_id] = child
         task.state, task.gpu, task.launched_at, task.confirmed, task.adopted = TaskState.RUNNING, gpu, now, False, False
-        ct = procs.create_time(child.pid)
         fields = {"state": "running", "retry_count": task.retry_count, "gpu": key_to_record(gpu),
                   "queue": task.spec.queue, "attempt": attempt, "supervisor_pid": child.pid,
-                  "supervisor_create_time": ct, "started_at": _iso(self.wall()), "updated_at": _iso(self.wall())}
+                  "started_at": _iso(self.wall()), "updated_at": _iso(self.wall())}
         uid = task.uni_id
 
         def change(data: dict[str, Any]) -> None:
+            # Read when the round's registry write happens, after all its launches: the
+            # supervisor (our unreaped child) can't be another process by then.
+            ct = fields.setdefault("supervisor_create_time", procs.create_time(child.pid))
             old = data.get(uid) if isinstance(data.get(uid), dict) else {}
             if old.get("exec_pid") == child.pid:
                 # This attempt's supervisor wrote first (a fast task may even have ended): what
@@ -517,9 +531,14 @@ class Daemon:
         self.steer.view(view)
         return view
 
-    def _write_status(self) -> None:
+    def _write_status(self, ending: int | None = None) -> None:
+        view = self.view()
+        if ending is None:
+            self.observer.round(view)  # events for hooks, the idle counter; once a round
+        else:
+            self.observer.close(view, ending)
         try:
-            status.write_json(self.config.state_dir / "status.json", self.view())
+            status.write_json(self.config.state_dir / "status.json", view)
         except OSError as exc:
             self.ledger.report("status.json", "cannot write status.json", exc)
         else:
@@ -577,7 +596,7 @@ class Daemon:
                     self.loop.sleep_until(start + self.config.poll)
             finally:
                 self.steer.close()
-                self._write_status()
+                self._write_status(ending=self.exit_code())  # all_done, and running hooks finish
         self.out(status.render(self.view()))
         code = self.exit_code()
         if code == EXIT_STOPPED:

@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from .completion import complete_uni_id
+
 OK, REFUSED, USAGE = 0, 1, 2
 
 _STATE = click.option("--state-dir", default="script_process", show_default=True, envvar="GPU_COMPETE_STATE_DIR",
@@ -103,7 +105,7 @@ def register(main: click.Group) -> None:
             click.echo(uid)
 
     @main.command()
-    @click.argument("uni_id")
+    @click.argument("uni_id", shell_complete=complete_uni_id)
     @_STATE
     @_JSON
     def skip(uni_id: str, state_dir: str, as_json: bool) -> None:
@@ -112,7 +114,7 @@ def register(main: click.Group) -> None:
         _ask(state_dir, {"op": "skip", "uni_id": _check_id(uni_id, as_json)}, as_json)
 
     @main.command()
-    @click.argument("uni_id")
+    @click.argument("uni_id", shell_complete=complete_uni_id)
     @_STATE
     @_JSON
     def unskip(uni_id: str, state_dir: str, as_json: bool) -> None:
@@ -120,7 +122,7 @@ def register(main: click.Group) -> None:
         _ask(state_dir, {"op": "unskip", "uni_id": _check_id(uni_id, as_json)}, as_json)
 
     @main.command()
-    @click.argument("uni_id")
+    @click.argument("uni_id", shell_complete=complete_uni_id)
     @_STATE
     @_JSON
     def retry(uni_id: str, state_dir: str, as_json: bool) -> None:
@@ -129,7 +131,7 @@ def register(main: click.Group) -> None:
         _ask(state_dir, {"op": "retry", "uni_id": _check_id(uni_id, as_json)}, as_json)
 
     @main.command()
-    @click.argument("uni_id")
+    @click.argument("uni_id", shell_complete=complete_uni_id)
     @click.option("--skip", is_flag=True, help="Also skip it: it does not run again.")
     @_STATE
     @_JSON
