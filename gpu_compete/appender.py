@@ -61,7 +61,9 @@ def append(path: str | os.PathLike[str], block: str) -> tuple[str, int]:
             if not _same_file(fd, path):
                 continue  # replaced while we waited for the lock: lock the new one
             data = _read_all(fd)
-            prefix = b"" if not data or data.endswith(b"\n\n") else b"\n" if data.endswith(b"\n") else b"\n\n"
+            # Always a blank line first (an extra one is harmless): someone may append a block
+            # without a trailing blank line between this read and our write.
+            prefix = b"" if not data else b"\n" if data.endswith(b"\n") else b"\n\n"
             try:  # one parse of the file as it will be: the block alone was checked already,
                 new = decode(data + prefix + encoded, str(path))  # so an error is the file's own
             except CommandFileError as exc:

@@ -175,8 +175,10 @@ def test_add_racing_manual_appends_loses_no_block(tmp_path):
     """`add`s racing a person's `cat >> cmd.txt` appends: every block of both is in the file."""
     path = tmp_path / "cmd.txt"
     path.write_text(FILE)
-    manual = subprocess.Popen(["bash", "-c", f"for i in $(seq 1 30); do printf '\\necho manual %s\\n1,1\\n\\n' $i >> {path}; "
-                                             "done"])
+    # Each manual block is one write, as `cat >> cmd.txt` of a short block is (bash's printf
+    # may write a line in pieces, which no append scheme can keep whole).
+    manual = subprocess.Popen(["bash", "-c", f"for i in $(seq 1 30); do printf '\\necho manual %s\\n1,1\\n' $i > {tmp_path}/b; "
+                                             f"cat {tmp_path}/b >> {path}; done"])
     for i in range(10):
         append(path, block_text([f"echo added {i}"], "2", "1"))
     assert manual.wait(timeout=30) == 0
