@@ -80,6 +80,7 @@ def register(main: click.Group) -> None:
         """Append a task block to the command file and print its uni_id; a running daemon takes
         it up at its next round. One CMD argument is shell text as it is; several are quoted.
 
+        \b
         gpu-compete add --queue 1 --vram 20 -- python train.py --lr 1e-3 --run {uni_id}
         """
         from .appender import AddError, append, block_text
