@@ -139,6 +139,7 @@ def main() -> None:
     gpu-compete watch                           a live full-screen view
     gpu-compete logs UNI_ID -f                  follow a task's log
     gpu-compete report --svg run.svg            what happened, and a timeline
+    gpu-compete add -q 1 -v 20 -- CMD...        append a task while the daemon runs
     """
     _warnings_to_stderr()
 
@@ -420,18 +421,22 @@ def _env(name: str) -> str:
                    "with GPU_COMPETE_EVENT, _UNI_ID, _QUEUE, _GPU, _STATE, _ERROR_TYPE, _EXIT_STATUS set.")
 @click.option("--hook-timeout", default=30.0, type=SECONDS, show_default=True, envvar=_env("HOOK_TIMEOUT"),
               help="Kill an --on-event command still running after this many seconds.")
+@click.option("--follow", is_flag=True, envvar=_env("FOLLOW"),
+              help="Don't exit when every task is done: wait for the command file to grow, like tail -f.")
 def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, state_dir: str,
         registry_file: str | None, poll: float, settle: float, retry_burst: int, backoff: float,
         max_retries: int | None, status_every: float, seed: int | None, pick: str, dry_run: bool,
         simulate: str | None, fresh: bool, log_format: str, metrics_port: int | None, metrics_host: str,
-        on_event: str | None, hook_timeout: float) -> None:
+        on_event: str | None, hook_timeout: float, follow: bool) -> None:
     """Run the command file's queues until every task has completed (or failed for good).
 
     Exit status: 0 all completed, 1 some failed for good, 2 bad input, 130 stopped first.
-    SIGINT/SIGTERM drain (a second one ends the tasks); SIGUSR1 prints status.
+    SIGINT/SIGTERM drain (a second one ends the tasks); SIGUSR1 prints status; SIGHUP reloads
+    the command file (which is also followed: edits apply within a round).
     Every option can also be set in the environment as GPU_COMPETE_<NAME>, e.g.
     GPU_COMPETE_POLL=0.5 or GPU_COMPETE_STATE_DIR=/scratch/me/state.
     """
+    from .commandbook import CommandBook
     from .daemon import Config, Daemon, DaemonError
     from .logs import configure
     from .policy import RetryPolicy
@@ -450,7 +455,8 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
                     seed=seed, pick=pick, fresh=fresh, on_event=on_event or None, hook_timeout=hook_timeout)
     probe = _open_probe(simulate, gpu_scope, namespace=str(state))
     try:
-        daemon = Daemon(config, parsed.tasks, probe)
+        book = CommandBook(Path(commands_file).resolve(), parsed)
+        daemon = Daemon(config, parsed.tasks, probe, book=book, follow=follow)
         if dry_run:
             try:
                 click.echo(daemon.dry_run())
@@ -487,6 +493,11 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
     finally:
         probe.close()
     sys.exit(code)
+
+
+from .steer_cli import register as _register_steering  # noqa: E402  (needs `main`)
+
+_register_steering(main)
 
 
 def entry() -> None:

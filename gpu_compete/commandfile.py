@@ -69,11 +69,14 @@ def parse(text: str, path: str = "<commands>") -> ParsedFile:
     tasks: list[TaskSpec] = []
     warnings: list[Warning_] = []
     positions: dict[str, int] = {}
+    seen: dict[tuple[str, tuple[str, ...]], int] = {}  # identical blocks of a queue: occurrence numbers
     for block in blocks:
         queue, vram, commands = _parse_block(block, path)
         positions[queue] = positions.get(queue, 0) + 1
-        tasks.append(TaskSpec(queue=queue, position=positions[queue], commands=tuple(c for _, c in commands),
-                              vram_gb=vram, line=commands[0][0]))
+        cmds = tuple(c for _, c in commands)
+        seen[queue, cmds] = seen.get((queue, cmds), 0) + 1
+        tasks.append(TaskSpec(queue=queue, position=positions[queue], commands=cmds,
+                              vram_gb=vram, line=commands[0][0], occurrence=seen[queue, cmds]))
         for line_no, command in commands:
             for found, meant in suspicious_placeholders(command):
                 warnings.append(Warning_(line_no, f"{{{found}}} is not a placeholder; did you mean {{{meant}}}?"))

@@ -31,6 +31,7 @@ from .observe import Observer
 from .policy import (Placement, RetryPolicy, build_views, candidates, fits, lease_active, plan_round,
                      queue_status)
 from .registry import Registry, RegistryError, private_dirs
+from .steering import Steering
 from .tasks import GIB, Queue, Task, TaskSpec, TaskState, group_queues
 from .wakeloop import WakeLoop
 
@@ -84,7 +85,8 @@ def _parse_iso(text: Any) -> float | None:
 class Daemon:
     def __init__(self, config: Config, specs: list[TaskSpec], probe: GpuProbe, *,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 rng: random.Random | None = None, out: Callable[[str], None] = print):
+                 rng: random.Random | None = None, out: Callable[[str], None] = print,
+                 book: Any = None, follow: bool = False):
         self.config = config
         self.probe = probe
         self.clock, self.wall = clock, wall
@@ -110,6 +112,7 @@ class Daemon:
         self._pidfile_fd: int | None = None
         hooks = Hooks(config.on_event, config.hook_timeout, config.state_dir / "hooks.log") if config.on_event else None
         self.observer = Observer(config.history, hooks, clock, wall)
+        self.steer = Steering(self, book, follow)  # reloads and control requests
 
     # --- start-up --------------------------------------------------------------------------
 
@@ -137,6 +140,7 @@ class Daemon:
         live processes adopted, failures and backoffs carried on."""
         now, wall = self.clock(), self.wall()
         try:
+            self.steer.migrate()
             # One read, and the tail goes on from where it ended: a success appended while we
             # start is then either in this read or in the first round's, never in neither.
             past = self.ledger.history.new_entries(strict=True)
@@ -200,6 +204,7 @@ class Daemon:
                 self._failed(task, self._why(task, record), now)
         if stale:
             self.ledger.write(lambda data: [data.pop(u, None) for u in stale])
+        self.steer.restore()
 
     def _adopt(self, task: Task, record: dict[str, Any], now: float) -> None:
         """Wait on a task an earlier daemon started, rather than start it again."""
@@ -223,8 +228,10 @@ class Daemon:
     def tick(self) -> None:
         now = self.clock()
         self.ledger.flush()
+        self.steer.before_round(now)
         with self.ledger.batch():
             self._collect(now)
+            self.steer.after_collect(now)
             self.snapshots = self.probe.snapshot()
             self._check_pid_namespace(now)
             self._confirm(now)
@@ -344,6 +351,8 @@ class Daemon:
         self._failed(task, "lost", now, note=why)
 
     def _failed(self, task: Task, error_type: str, now: float, note: str | None = None) -> None:
+        if self.steer.stopped_on_purpose(task, now):
+            return
         decision = self.config.retry.after_failure(task.retry_count, now)
         task.retry_count, task.error_type = decision.retry_count, error_type
         self._task_ended(task, now)
@@ -429,7 +438,7 @@ class Daemon:
                 for t in self.tasks.values() if t.state is TaskState.RUNNING and t.gpu is not None]
 
     def _plan_and_launch(self, now: float) -> None:
-        cands = candidates(self.queues, now)
+        cands = self.steer.allowed(candidates(self.queues, now))
         if not cands:
             self.waiting_why = {}
             return
@@ -516,7 +525,9 @@ class Daemon:
             records = self.registry.read()
         except RegistryError:
             records = {}
-        return status.build(self, now, records)
+        view = status.build(self, now, records)
+        self.steer.view(view)
+        return view
 
     def _write_status(self, ending: int | None = None) -> None:
         view = self.view()
@@ -537,11 +548,11 @@ class Daemon:
         running = any(t.state is TaskState.RUNNING for t in self.tasks.values())
         if self.draining:
             return not running
-        return all(queue_status(q) in ("DONE", "BLOCKED") for q in self.queues.values())
+        return self.steer.finished_ok() and all(queue_status(q) in ("DONE", "BLOCKED") for q in self.queues.values())
 
     def exit_code(self) -> int:
         states = {t.state for t in self.tasks.values()}
-        if states <= {TaskState.COMPLETED}:
+        if states <= {TaskState.COMPLETED, TaskState.SKIPPED}:
             return EXIT_OK
         if all(queue_status(q) in ("DONE", "BLOCKED") for q in self.queues.values()):
             return EXIT_FAILED
@@ -557,11 +568,14 @@ class Daemon:
             self.draining = self.force = True
         elif signum == signal.SIGUSR1:
             self.status_requested = True
+        elif signum == signal.SIGHUP:
+            self.steer.reload_requested = True
 
     def run(self) -> int:
         was_draining = False
         self.loop = WakeLoop(self.on_signal, self.clock)
         with self.loop:
+            self.steer.open(self.loop)
             try:
                 while True:
                     start = self.clock()
@@ -579,6 +593,7 @@ class Daemon:
                         break
                     self.loop.sleep_until(start + self.config.poll)
             finally:
+                self.steer.close()
                 self._write_status(ending=self.exit_code())  # all_done, and running hooks finish
         self.out(status.render(self.view()))
         code = self.exit_code()

@@ -41,7 +41,8 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
     views = build_views(daemon.snapshots, placements, daemon.user, ignored=daemon.ghosts)
     waits = Waits(views, exclusive, daemon.draining or daemon.force)
     due = {c.uni_id for c in candidates(daemon.queues, now)}
-    totals = dict.fromkeys(("pending", "running", "retrying", "backing_off", "completed", "failed", "blocked"), 0)
+    totals = dict.fromkeys(("pending", "running", "retrying", "backing_off", "completed", "failed", "blocked",
+                            "skipped"), 0)
     queues, backing_off = [], []
     for name, queue in daemon.queues.items():
         qstatus = queue_status(queue)
@@ -206,6 +207,28 @@ def table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     return [fmt.format(*headers).rstrip()] + [fmt.format(*r).rstrip() for r in cells]
 
 
+def _steering_lines(steer: dict[str, Any] | None) -> list[str]:
+    """Paused queues, the command file's state and the last reload, where there is any."""
+    if not steer:
+        return []
+    lines = []
+    if steer.get("commands_error"):
+        lines.append(f"command file NOT applied (the last good one stays in force): {steer['commands_error']}")
+    if steer.get("paused_all"):
+        lines.append("paused: nothing new starts (`gpu-compete resume` to go on)")
+    elif steer.get("paused"):
+        lines.append(f"paused queues: {', '.join(steer['paused'])}")
+    if steer.get("last_reload"):
+        lines.append(f"last reload: {steer['last_reload']}")
+    if steer.get("running_out"):
+        lines.append(f"no longer in the file, running to their end: {', '.join(steer['running_out'])}")
+    if steer.get("follow"):
+        lines.append("following the command file: waiting for more tasks when all are done")
+    if steer.get("control"):
+        lines.append(f"no steering: {steer['control']}")
+    return lines
+
+
 def render_records(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "registry: no records"
@@ -225,7 +248,8 @@ def render(view: dict[str, Any]) -> str:
                      f"{', draining' if daemon.get('draining') else ''})")
         lines.append(f"tasks: {t['pending']} pending, {t['running']} running, {t['retrying']} retrying, "
                      f"{t['backing_off']} backing off, {t['completed']} completed, {t['failed']} failed, "
-                     f"{t['blocked']} blocked")
+                     f"{t['blocked']} blocked" + (f", {t['skipped']} skipped" if t.get("skipped") else ""))
+        lines += _steering_lines(view.get("steering"))
         lines.append("")
         lines += table(["QUEUE", "STATUS", "DONE", "CURRENT", "STATE", "GPU", "WHY WAITING"],
                         [[q["queue"], q["status"], f"{q['done']}/{q['total']}", q["current"],

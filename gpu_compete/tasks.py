@@ -37,12 +37,21 @@ def is_safe_id(value: str) -> bool:
     return bool(SAFE_ID.fullmatch(value)) and value not in (".", "..")
 
 
-def make_uni_id(queue: str, position: int, commands: tuple[str, ...]) -> str:
-    """Stable id from the queue, the 1-based position in it and the commands.
+def make_uni_id(queue: str, commands: tuple[str, ...], occurrence: int = 1) -> str:
+    """Stable id from the queue and the commands (and, for the n-th identical block of one
+    queue, n): `q1-3fa9c1d2`, `q1-3fa9c1d2-2`.
 
-    Same file, same ids across restarts; editing a task's commands gives it a new id, so a
-    changed experiment is never mistaken for a completed one.
+    Not the position: inserting or removing a task leaves every other task's id alone, so a
+    finished experiment is never run again because the file changed around it. Editing a
+    task's commands gives it a new id, so a changed experiment is never taken for a done one.
     """
+    digest = hashlib.sha1("\n".join(commands).encode()).hexdigest()[:8]
+    return f"q{queue}-{digest}" if occurrence <= 1 else f"q{queue}-{digest}-{occurrence}"
+
+
+def legacy_uni_id(queue: str, position: int, commands: tuple[str, ...]) -> str:
+    """The id versions before 0.2 gave a task (it carried the position in the queue): read
+    when resuming a history they wrote."""
     digest = hashlib.sha1("\n".join(commands).encode()).hexdigest()[:8]
     return f"q{queue}-{position}-{digest}"
 
@@ -57,10 +66,15 @@ class TaskSpec:
     vram_gb: float
     line: int  # line of the first command, for messages
     uni_id: str = field(default="")
+    occurrence: int = 1  # n for the n-th block of its queue with exactly these commands
 
     def __post_init__(self) -> None:
         if not self.uni_id:
-            object.__setattr__(self, "uni_id", make_uni_id(self.queue, self.position, self.commands))
+            object.__setattr__(self, "uni_id", make_uni_id(self.queue, self.commands, self.occurrence))
+
+    @property
+    def legacy_uni_id(self) -> str:
+        return legacy_uni_id(self.queue, self.position, self.commands)
 
     @functools.cached_property
     def vram_bytes(self) -> int:
@@ -119,6 +133,7 @@ class TaskState(str, Enum):
     RETRY = "retry"  # failed; relaunched once `retry_at` passes (a backoff when that is later)
     COMPLETED = "completed"
     FAILED = "failed"  # gave up after --max-retries; the rest of its queue is blocked
+    SKIPPED = "skipped"  # `gpu-compete skip`: will not run; its queue goes on without it
 
 
 @dataclass
@@ -140,11 +155,15 @@ class Task:
         return self.spec.uni_id
 
 
+# States a queue's head moves past: done with, one way or the other.
+_PASSED = (TaskState.COMPLETED, TaskState.SKIPPED)
+
+
 class Queue(list):
     """A queue's tasks in order, with a cursor at its head.
 
-    Tasks of a queue complete in order and never un-complete, so the cursor only moves
-    forward: finding the head is amortized O(1) per round, not O(tasks in the queue).
+    Tasks of a queue complete (or are skipped) in order and never un-complete, so the cursor
+    only moves forward (but for `unskip`, which rewinds it): finding the head is amortized O(1) per round, not O(tasks in the queue).
     """
 
     def __init__(self, tasks=()):
@@ -152,9 +171,13 @@ class Queue(list):
         self._cursor = 0
 
     def head(self) -> Task | None:
-        while self._cursor < len(self) and self[self._cursor].state is TaskState.COMPLETED:
+        while self._cursor < len(self) and self[self._cursor].state in _PASSED:
             self._cursor += 1
         return self[self._cursor] if self._cursor < len(self) else None
+
+    def rewind(self) -> None:
+        """A task behind the cursor may run again (`unskip`): look for the head from the start."""
+        self._cursor = 0
 
     def remaining(self) -> int:
         """Tasks from the head on (one completed out of order further back still counts);

@@ -442,11 +442,13 @@ def test_uni_ids_are_unique_even_for_identical_commands():
 
 
 def test_uni_ids_are_short_and_safe():
-    """A uni_id uses only [A-Za-z0-9_.-] and is short (queue, position and an 8-hex digest)."""
+    """A uni_id uses only [A-Za-z0-9_.-] and is short (queue, an 8-hex digest, and an occurrence
+    number from the second identical block of a queue on)."""
     for task in parse(FILE + "\nx\nmy_q.v-2,1\n").tasks:
         assert SAFE.fullmatch(task.uni_id)
         assert len(task.uni_id) <= len(task.queue) + 20
-        assert re.fullmatch(rf"q{re.escape(task.queue)}-{task.position}-[0-9a-f]{{8}}", task.uni_id)
+        suffix = "" if task.occurrence == 1 else f"-{task.occurrence}"
+        assert re.fullmatch(rf"q{re.escape(task.queue)}-[0-9a-f]{{8}}{suffix}", task.uni_id)
 
 
 def test_uni_ids_are_stable_across_parses_and_loads(tmp_path):
@@ -455,14 +457,32 @@ def test_uni_ids_are_stable_across_parses_and_loads(tmp_path):
     assert ids(FILE) == ids(FILE) == [t.uni_id for t in load(path).tasks]
 
 
-def test_uni_id_is_a_pure_function_of_queue_position_commands():
-    """make_uni_id depends on exactly queue, position and commands, and TaskSpec uses it."""
-    base = make_uni_id("1", 2, ("a", "b"))
-    assert base == make_uni_id("1", 2, ("a", "b"))
-    assert len({base, make_uni_id("2", 2, ("a", "b")), make_uni_id("1", 3, ("a", "b")),
-                make_uni_id("1", 2, ("a", "c")), make_uni_id("1", 2, ("a b",)), make_uni_id("1", 2, ("ab",))}) == 6
+def test_uni_id_is_a_pure_function_of_queue_commands_occurrence():
+    """make_uni_id depends on exactly queue, commands and occurrence (not the position), and
+    TaskSpec uses it."""
+    base = make_uni_id("1", ("a", "b"))
+    assert base == make_uni_id("1", ("a", "b"), 1)
+    assert len({base, make_uni_id("2", ("a", "b")), make_uni_id("1", ("a", "b"), 2),
+                make_uni_id("1", ("a", "c")), make_uni_id("1", ("a b",)), make_uni_id("1", ("ab",))}) == 6
     spec = TaskSpec(queue="1", position=2, commands=("a", "b"), vram_gb=1, line=1)
-    assert spec.uni_id == base
+    assert spec.uni_id == base == TaskSpec(queue="1", position=7, commands=("a", "b"), vram_gb=3, line=9).uni_id
+    assert spec.legacy_uni_id == "q1-2-" + base.rsplit("-", 1)[1]
+
+
+def test_inserting_or_removing_a_task_leaves_other_uni_ids_alone():
+    """A task inserted at the front of a queue, or one removed, changes no other task's uni_id."""
+    before = dict(zip(["a1", "b", "a2-other-queue", "a1-again"], ids(FILE)))
+    inserted = ids("echo new\n1,2\n\n" + FILE)
+    assert inserted[1:] == list(before.values())
+    removed = ids(FILE.replace("echo b\n1,2\n\n", ""))
+    assert removed == [before["a1"], before["a2-other-queue"], before["a1-again"]]
+
+
+def test_identical_blocks_get_occurrence_numbers_in_file_order():
+    """The second identical block of a queue is `-2`; removing the first renumbers only that pair."""
+    got = ids(FILE)
+    assert got[3] == got[0] + "-2"
+    assert ids("echo a\n1,2\n\necho a\n1,2\n\necho a\n1,2\n")[2] == got[0] + "-3"
 
 
 def test_uni_id_ignores_vram_comments_blank_lines_and_spacing():
@@ -683,7 +703,8 @@ def test_generated_files_round_trip_through_check_json(tmp_path_factory, case):
 @given(st.lists(st.tuples(st.sampled_from(["1", "2", "a"]), st.lists(COMMAND, min_size=1, max_size=2)),
                 min_size=2, max_size=6), st.data())
 def test_editing_one_task_never_changes_another_uni_id(tasks, data):
-    """Changing one task's commands changes its uni_id and no other task's."""
+    """Changing one task's commands changes its uni_id and no other task's (but for blocks
+    identical to it in its queue, which are told apart by their occurrence number)."""
     def render(items):
         return "\n\n".join("\n".join([*cs, f"{q},1"]) for q, cs in items) + "\n"
 
@@ -693,7 +714,8 @@ def test_editing_one_task_never_changes_another_uni_id(tasks, data):
     edited[victim] = (queue, [*commands[:-1], commands[-1] + " --edited"])
     before, after = ids(render(tasks)), ids(render(edited))
     assert after[victim] != before[victim]
-    assert [u for i, u in enumerate(after) if i != victim] == [u for i, u in enumerate(before) if i != victim]
+    others = [i for i, t in enumerate(tasks) if i != victim and t != tasks[victim]]
+    assert [after[i] for i in others] == [before[i] for i in others]
 
 
 def test_placeholder_names_are_the_documented_three():
