@@ -160,7 +160,8 @@ def check(commands_file: str, work_dir: str, as_json: bool) -> None:
     if as_json:
         data = {"file": parsed.path, "queues": [
             {"queue": q, "tasks": [{"uni_id": t.uni_id, "position": t.position, "vram_gb": t.vram_gb, "line": t.line,
-                                    "commands": list(t.commands), "expanded": t.expanded(work)} for t in tasks]}
+                                    "options": t.options(), "commands": list(t.commands),
+                                    "expanded": t.expanded(work)} for t in tasks]}
             for q, tasks in queues.items()]}
         click.echo(json.dumps(data, indent=2))
         return
@@ -169,9 +170,25 @@ def check(commands_file: str, work_dir: str, as_json: bool) -> None:
     for q, tasks in queues.items():
         click.echo(f"\nqueue {q} ({len(tasks)} tasks, in order)")
         for t in tasks:
-            click.echo(f"  {t.position}. {t.uni_id}  vram {t.vram_gb:g} GB  (line {t.line})")
+            click.echo(f"  {t.position}. {t.uni_id}  vram {t.vram_gb:g} GB{_options_text(t)}  (line {t.line})")
             for command in t.expanded(work):
                 click.echo(f"       $ {command}")
+
+
+def _options_text(spec) -> str:
+    from .options import format_duration
+
+    parts = []
+    if spec.timeout_s is not None:
+        parts.append(f"timeout {format_duration(spec.timeout_s)}")
+    if spec.priority:
+        parts.append(f"priority {spec.priority}")
+    if spec.retries is not None:
+        parts.append(f"retries {spec.retries}")
+    if spec.after:
+        parts.append(f"after queue {'+'.join(spec.after)}")
+    each = f" on each of {spec.gpus} GPUs" if spec.gpus != 1 else ""
+    return each + "".join(f", {p}" for p in parts)
 
 
 # --- exec and registry -----------------------------------------------------------------------

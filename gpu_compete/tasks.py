@@ -57,6 +57,30 @@ class TaskSpec:
     vram_gb: float
     line: int  # line of the first command, for messages
     uni_id: str = field(default="")
+    # Options of the queue line (`QUEUE_ID,VRAM_GB,key=value...`); the defaults are what a
+    # plain `QUEUE_ID,VRAM_GB` line means. They are not part of the uni_id: changing when or
+    # how urgently a task runs does not make it a different experiment (as VRAM_GB doesn't).
+    gpus: int = 1  # GPUs it needs, each with vram_gb free
+    timeout_s: float | None = None  # None: the daemon's --timeout, if any
+    priority: int = 0  # higher is placed first among idle queue heads
+    retries: int | None = None  # None: the daemon's --max-retries
+    after: tuple[str, ...] = ()  # queues that must be done before it starts
+    queue_line: int = 0  # line of its QUEUE_ID,VRAM_GB line, for messages
+
+    def options(self) -> dict[str, object]:
+        """The options given on its queue line (not the defaults), as `check --json` shows them."""
+        out: dict[str, object] = {}
+        if self.gpus != 1:
+            out["gpus"] = self.gpus
+        if self.timeout_s is not None:
+            out["timeout_s"] = self.timeout_s
+        if self.priority:
+            out["priority"] = self.priority
+        if self.retries is not None:
+            out["retries"] = self.retries
+        if self.after:
+            out["after"] = list(self.after)
+        return out
 
     def __post_init__(self) -> None:
         if not self.uni_id:
