@@ -158,10 +158,21 @@ class Task:
     launched_at: float | None = None
     confirmed: bool = False  # its process has shown up on its GPU
     adopted: bool = False  # started by an earlier daemon
+    gpus: tuple[str, ...] = ()  # every GPU of a gpus=N task (`gpu` is the first)
+    vram_gb_needed: float | None = None  # raised after an oom: what the next attempt asks for
+    peak_vram_bytes: int | None = None  # most memory its processes held at once, this attempt
+    warned_over: bool = False  # told once that it uses more than it declared
 
     @property
     def uni_id(self) -> str:
         return self.spec.uni_id
+
+    @property
+    def need_bytes(self) -> int:
+        """VRAM on each of its GPUs the next attempt needs: declared, or more after an oom."""
+        if self.vram_gb_needed is None or self.vram_gb_needed <= self.spec.vram_gb:
+            return self.spec.vram_bytes
+        return int(self.vram_gb_needed * GIB)
 
 
 class Queue(list):
