@@ -205,11 +205,12 @@ class Daemon:
     def tick(self) -> None:
         now = self.clock()
         self.ledger.flush()
-        self._collect(now)
-        self.snapshots = self.probe.snapshot()
-        self._confirm(now)
-        if not self.draining and not self.force:
-            self._plan_and_launch(now)
+        with self.ledger.batch():
+            self._collect(now)
+            self.snapshots = self.probe.snapshot()
+            self._confirm(now)
+            if not self.draining and not self.force:
+                self._plan_and_launch(now)
         self._write_status()
 
     def _collect(self, now: float) -> None:
@@ -361,30 +362,26 @@ class Daemon:
         on_gpu = {s.key: {p.pid for p in s.processes} for s in self.snapshots}
         if not any(on_gpu.get(t.gpu) for t in waiting):
             return
-        children = _children_map()  # one scan of the process table for every waiting task
+        claimed = {pid for pids in self.gpu_pids.values() for pid in pids}
         for task in waiting:
-            pids = on_gpu.get(task.gpu, set())
-            mine = self._tree_pids(task, children) & pids if pids else set()
+            roots = self._roots(task)
+            mine = {pid for pid in on_gpu.get(task.gpu, ()) if pid not in claimed and _descends(pid, roots)}
             if mine:
                 task.confirmed = True
                 self.gpu_pids[task.uni_id] = mine
+                claimed |= mine
                 log.debug("launch confirmed on its GPU", uni_id=task.uni_id, gpu=task.gpu,
                           after_s=round(now - (task.launched_at or now), 2))
 
-    def _tree_pids(self, task: Task, children: dict[int, list[int]]) -> set[int]:
-        """The task's supervisor, the pid the registry names for it, and all their descendants."""
+    def _roots(self, task: Task) -> set[int]:
+        """The task's supervisor and the pid the registry names for it: a process on the GPU
+        that is one of these or descends from one is the task's."""
         record = self.known.get(task.uni_id, {})
-        todo = [p for p in (record.get("supervisor_pid"), record.get("pid")) if isinstance(p, int)]
+        roots = {p for p in (record.get("supervisor_pid"), record.get("pid")) if procs.is_pid(p)}
         child = self.children.get(task.uni_id)
         if child is not None:
-            todo.append(child.pid)
-        out: set[int] = set()
-        while todo:
-            pid = todo.pop()
-            if pid not in out:
-                out.add(pid)
-                todo.extend(children.get(pid, ()))
-        return out
+            roots.add(child.pid)
+        return roots
 
     def placements(self, now: float) -> list[Placement]:
         return [Placement(t.gpu, t.spec.vram_bytes, lease_active(t, now, self.config.settle))
@@ -584,8 +581,17 @@ def _gb(size: int) -> str:
     return f"{size / GIB:.1f}".removesuffix(".0")
 
 
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for proc in psutil.process_iter(["ppid"]):
-        children.setdefault(proc.info["ppid"], []).append(proc.pid)
-    return children
+def _descends(pid: int, roots: set[int], depth: int = 32) -> bool:
+    """True when `pid` is one of `roots` or a descendant of one: walking up from the few pids
+    on a GPU costs a handful of reads, where a map of every process's children cost a scan of
+    the whole process table on the path from one task's exit to the next one's start."""
+    for _ in range(depth):
+        if pid in roots:
+            return True
+        if pid <= 1:
+            return False
+        try:
+            pid = psutil.Process(pid).ppid()
+        except psutil.Error:
+            return False
+    return False

@@ -9,8 +9,9 @@ starts and once when it ends, not every round.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import structlog
 
@@ -32,14 +33,31 @@ class Ledger:
         self._pending: list[Change] = []  # registry changes not yet written
         self._problems: dict[str, str] = {}  # what is failing now
         self.read_only = False  # a dry run decides as a real run would, and writes nothing
+        self._batching = False
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Registry changes made inside are written once, at the end, in order: a round that
+        collects an ended task and launches the next one takes the registry's lock and fsyncs
+        once, after the launch, instead of once before it (the GPU idles meanwhile)."""
+        self._batching = True
+        try:
+            yield
+        finally:
+            self._batching = False
+            if self._pending:
+                self.write(lambda data: None)
 
     # --- the registry -------------------------------------------------------------------
 
     def write(self, change: Change) -> bool:
-        """Apply `change` to the registry (with every change still pending before it)."""
+        """Apply `change` to the registry (with every change still pending before it); inside
+        `batch()`, at the batch's end."""
         if self.read_only:
             return True
         self._pending.append(change)
+        if self._batching:
+            return True
 
         def apply_all(data: dict[str, Any]) -> None:
             for pending in self._pending:

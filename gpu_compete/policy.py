@@ -142,11 +142,21 @@ def build_views(snapshots: Iterable[GpuSnapshot], placements: Iterable[Placement
             ghosts = [p for p in mine if p.pid in ignored]
             if ghosts:
                 mine = tuple(p for p in mine if p.pid not in ignored)
-                if free is not None:
-                    free = min(free + sum(p.used_bytes or 0 for p in ghosts), snap.total_bytes or free)
+                free = _without_ghosts(snap, free, ghosts, ignored)
         views.append(GpuView(snap.key, free, snap.available, bool(mine), any(p.leased for p in here),
                              len(here), rank, (topology or {}).get(snap.key)))
     return views
+
+
+def _without_ghosts(snap: GpuSnapshot, free: int | None, ghosts: list, ignored: Container[int]) -> int | None:
+    """Free memory with the ghosts' memory given back, but never more than the total less what
+    every other listed process holds (a driver may already have dropped a ghost's memory from
+    `used`, and a used figure capped at the total hides how much). Unknown sizes: no change."""
+    others = [p.used_bytes for p in snap.processes if p.pid not in ignored]
+    if free is None or snap.total_bytes is None or None in others or any(p.used_bytes is None for p in ghosts):
+        return free
+    ceiling = snap.total_bytes - sum(others)
+    return max(free, min(free + sum(p.used_bytes for p in ghosts), ceiling))
 
 
 def fits(gpu: GpuView, vram_bytes: int, exclusive: bool) -> bool:

@@ -198,6 +198,11 @@ def test_processes_of_an_ended_task_are_not_counted():
     assert not after.user_busy and after.free_bytes == 24 * GIB
     other = build_views([snap], [], "me", ignored={8})[0]
     assert other == before
+    # NVML capped `used` at the total: a ghost's memory is given back only up to what the
+    # other processes leave, never more.
+    crowded = GpuSnapshot(0, "u0", "g", 24 * GIB, 24 * GIB, 0, processes=(
+        GpuProcess(7, 16 * GIB, "me"), GpuProcess(9, 16 * GIB, "me")))
+    assert build_views([crowded], [], "me", ignored={7})[0].free_bytes == 8 * GIB
 
 
 # --- retries -----------------------------------------------------------------------------------

@@ -37,7 +37,11 @@ VRAM_ENV = "GPU_COMPETE_VRAM_GB"
 # namespaces (another daemon's simulated machine), while hand-started processes without
 # one count everywhere.
 NAMESPACE_ENV = "GPU_COMPETE_NAMESPACE"
-_SHORT_SPEC = re.compile(r"^(?P<n>\d+)x(?P<gb>\d+(?:\.\d+)?)(?:,delay=(?P<delay>\d+(?:\.\d+)?))?$")
+# A process younger than this may be between fork and exec, still showing its parent's
+# environment: its claim is read again next time rather than remembered.
+_EXEC_GRACE_S = 1.0
+_SHORT_SPEC = re.compile(r"^(?P<n>\d+)x(?P<gb>\d+(?:\.\d+)?)(?:,delay=(?P<delay>\d+(?:\.\d+)?))?"
+                         r"(?:,linger=(?P<linger>\d+(?:\.\d+)?))?$")
 
 
 class SimulationSpecError(ValueError):
@@ -57,6 +61,9 @@ class SimGpu:
 class SimConfig:
     gpus: tuple[SimGpu, ...]
     startup_delay_s: float = 0.0
+    # How long a process that exited is still listed: real NVML can list one for a moment
+    # after its exit, and the scheduler must not wait for that.
+    linger_s: float = 0.0
 
 
 def parse_spec(spec: str) -> SimConfig:
@@ -66,7 +73,8 @@ def parse_spec(spec: str) -> SimConfig:
         count, gb = int(match["n"]), float(match["gb"])
         if not 1 <= count <= 64 or gb <= 0:
             raise SimulationSpecError(f"--simulate {spec!r}: want 1-64 GPUs of more than 0 GB")
-        return SimConfig(tuple(SimGpu(gb) for _ in range(count)), float(match["delay"] or 0))
+        return SimConfig(tuple(SimGpu(gb) for _ in range(count)), float(match["delay"] or 0),
+                         float(match["linger"] or 0))
     path = Path(spec)
     if not path.exists():
         raise SimulationSpecError(f"--simulate {spec!r}: neither NxGB (e.g. 4x24) nor an existing JSON file")
@@ -78,11 +86,12 @@ def _parse_json(path: Path) -> SimConfig:
         obj = json.loads(path.read_text())
         gpus = tuple(_sim_gpu(g) for g in obj["gpus"])
         delay = float(obj.get("startup_delay_s", 0))
+        linger = float(obj.get("linger_s", 0))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SimulationSpecError(f"{path}: not a simulation file ({exc}); see `gpu-compete gpus --help`") from None
     if not gpus:
         raise SimulationSpecError(f"{path}: \"gpus\" is empty")
-    return SimConfig(gpus, delay)
+    return SimConfig(gpus, delay, linger)
 
 
 def _sim_gpu(obj: dict[str, Any]) -> SimGpu:
@@ -108,9 +117,12 @@ class SimulatedProbe:
         self.user = current_user()
         identities = [GpuIdentity(i, sim_uuid(i)) for i in range(len(config.gpus))]
         self.indices = resolve_scope(scope, identities, environ)
-        # (pid, create_time) -> (gpu index, bytes) or None; a process's initial environment
-        # never changes, so each process is read once.
-        self._seen: dict[tuple[int, float], tuple[int, int] | None] = {}
+        # (pid, start ticks) -> (gpu index, bytes, create time) or None; a process's initial
+        # environment never changes, so each process is read once.
+        self._seen: dict[tuple[int, int], tuple[int, int, float] | None] = {}
+        # Processes that exited, still listed until `linger_s` passes: (pid, ct) -> (gpu, bytes, ppid, gone_at)
+        self._lingering: dict[tuple[int, float], tuple[int, int, int, float]] = {}
+        self._listed: dict[tuple[int, float], tuple[int, int, int]] = {}  # listed last time: -> (gpu, bytes, ppid)
 
     @classmethod
     def from_spec(cls, spec: str, scope: str | None = "all", environ: dict[str, str] | None = None,
@@ -134,20 +146,36 @@ class SimulatedProbe:
         """Real processes on each simulated GPU: {index: [(pid, bytes)]}."""
         now = self._clock()
         found: dict[int, dict[int, tuple[int, int]]] = {}  # gpu -> pid -> (ppid, bytes)
+        listed: dict[tuple[int, float], tuple[int, int, int]] = {}
         alive = set()
-        for proc in psutil.process_iter(["pid", "ppid", "create_time", "uids", "status"]):
-            info = proc.info
-            if info["uids"] is None or info["uids"].real != os.getuid() or info["status"] == psutil.STATUS_ZOMBIE:
+        uid = os.getuid()
+        for pid, ppid, state, start in _proc_table():
+            if state == "Z":
                 continue
-            key = (info["pid"], info["create_time"])
+            key = (pid, start)
             alive.add(key)
             if key not in self._seen:
-                self._seen[key] = _claim(proc, self.namespace)
+                claim, created = _claim_pid(pid, uid, self.namespace)
+                if claim is None and created is not None and now - created < _EXEC_GRACE_S:
+                    continue  # maybe forked and not yet exec'd (its parent's environment): look again
+                self._seen[key] = claim
             claim = self._seen[key]
-            if claim is None or now - info["create_time"] < self.config.startup_delay_s:
+            if claim is None:
                 continue
-            found.setdefault(claim[0], {})[info["pid"]] = (info["ppid"], claim[1])
+            gpu, used, created = claim
+            if now - created < self.config.startup_delay_s:
+                continue
+            found.setdefault(gpu, {})[pid] = (ppid, used)
+            listed[key] = (gpu, used, ppid)
         self._seen = {k: v for k, v in self._seen.items() if k in alive}
+        if self.config.linger_s > 0:
+            for key, (gpu, used, ppid) in self._listed.items():
+                if key not in alive and key not in self._lingering:
+                    self._lingering[key] = (gpu, used, ppid, now)
+            self._lingering = {k: v for k, v in self._lingering.items() if now - v[3] < self.config.linger_s}
+            for (pid, _ct), (gpu, used, ppid, _gone) in self._lingering.items():
+                found.setdefault(gpu, {}).setdefault(pid, (ppid, used))
+            self._listed = listed
         # Topmost of each tree only: drop a process whose parent is on the same GPU.
         return {gpu: [(pid, b) for pid, (ppid, b) in procs.items() if ppid not in procs]
                 for gpu, procs in found.items()}
@@ -186,6 +214,40 @@ class SimulatedProbe:
 
     def close(self) -> None:
         pass
+
+
+def _proc_table() -> list[tuple[int, int, str, int]]:
+    """(pid, ppid, state, start ticks) of every process, from /proc/<pid>/stat alone: the
+    simulation reads the table every round, and psutil's several files per process made the
+    probe itself the slowest part of a round on a busy machine."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        try:
+            out.append((int(name), int(fields[1]), fields[0].decode(), int(fields[19])))
+        except (IndexError, ValueError):
+            continue
+    return out
+
+
+def _claim_pid(pid: int, uid: int, namespace: str | None) -> tuple[tuple[int, int, float] | None, float | None]:
+    """((gpu index, bytes, create time) or None, create time) for one process."""
+    try:
+        proc = psutil.Process(pid)
+        created = proc.create_time()
+        if proc.uids().real != uid:
+            return None, created
+        claim = _claim(proc, namespace)
+        return (None if claim is None else (claim[0], claim[1], created)), created
+    except psutil.Error:
+        return None, None
 
 
 def _claim(proc: psutil.Process, namespace: str | None) -> tuple[int, int] | None:
