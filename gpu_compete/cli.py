@@ -41,6 +41,25 @@ class Seconds(click.ParamType):
 
 
 SECONDS = Seconds()
+
+
+class Duration(click.ParamType):
+    """A duration as the command file writes it: 90s, 30m, 4h, 1h30m."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        from .options import parse_duration
+
+        try:
+            return parse_duration(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = Duration()
 MAX_SECONDS = 366 * 24 * 3600.0  # past this a clock or select() overflows; no one means it
 
 
@@ -417,12 +436,26 @@ def _env(name: str) -> str:
 @click.option("--simulate", metavar="SPEC", envvar=_env("SIMULATE"),
               help="Simulated GPUs: NxGB (4x24), NxGB,delay=S, or a JSON file.")
 @click.option("--fresh", is_flag=True, envvar=_env("FRESH"), help="Ignore the history: run completed tasks again.")
+@click.option("--timeout", "timeout", type=DURATION, envvar=_env("TIMEOUT"),
+              help="Time limit of a task without timeout= on its queue line (90s, 30m, 4h, 1h30m): SIGTERM to "
+                   "its process group, SIGKILL 10 s later; it fails as `timeout`. Default: none.")
+@click.option("--retry-permanent", is_flag=True, envvar=_env("RETRY_PERMANENT"),
+              help="Retry not_found, syntax_error and import_error failures like any other (by default such a "
+                   "task fails for good at once).")
+@click.option("--oom-growth", default=1.25, type=click.FloatRange(min=1.0, max=100.0), show_default=True,
+              envvar=_env("OOM_GROWTH"),
+              help="After an oom the next attempt needs max(declared, last peak VRAM x this) GB.")
+@click.option("--min-free-ram", type=click.FloatRange(min=0), envvar=_env("MIN_FREE_RAM"), metavar="GB",
+              help="Start no task while the host has less available RAM than this.")
+@click.option("--min-free-disk", type=click.FloatRange(min=0), envvar=_env("MIN_FREE_DISK"), metavar="GB",
+              help="Start no task while the work directory's filesystem has less free space than this.")
 @click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto", show_default=True,
               envvar=_env("LOG_FORMAT"), help="Logs go to stderr: readable, or one JSON object a line.")
 def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, state_dir: str,
         registry_file: str | None, poll: float, settle: float, retry_burst: int, backoff: float,
         max_retries: int | None, status_every: float, seed: int | None, pick: str, dry_run: bool,
-        simulate: str | None, fresh: bool, log_format: str) -> None:
+        simulate: str | None, fresh: bool, timeout: float | None, retry_permanent: bool, oom_growth: float,
+        min_free_ram: float | None, min_free_disk: float | None, log_format: str) -> None:
     """Run the command file's queues until every task has completed (or failed for good).
 
     Exit status: 0 all completed, 1 some failed for good, 2 bad input, 130 stopped first.
@@ -431,6 +464,7 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
     GPU_COMPETE_POLL=0.5 or GPU_COMPETE_STATE_DIR=/scratch/me/state.
     """
     from .daemon import Config, Daemon, DaemonError
+    from .hostguard import HostGuard
     from .logs import configure
     from .policy import RetryPolicy
 
@@ -445,7 +479,8 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
     config = Config(work_dir=work, state_dir=state, registry=_registry_path(registry_file, state).resolve(),
                     exclusive=exclusive, poll=poll, settle=settle,
                     retry=RetryPolicy(retry_burst, backoff, max_retries), status_every=status_every,
-                    seed=seed, pick=pick, fresh=fresh)
+                    seed=seed, pick=pick, fresh=fresh, timeout_s=timeout, retry_permanent=retry_permanent,
+                    oom_growth=oom_growth, guard=HostGuard(min_free_ram, min_free_disk))
     probe = _open_probe(simulate, gpu_scope, namespace=str(state))
     try:
         daemon = Daemon(config, parsed.tasks, probe)

@@ -22,20 +22,25 @@ from typing import Any, Callable
 import psutil
 import structlog
 
-from . import evidence, journal, launcher, pidfile, procs, status, stopping
+from . import evidence, hostguard, journal, launcher, pidfile, procs, status, stopping
+from .classify import is_permanent
 from .gpus.base import GpuProbe, GpuSnapshot, current_user, key_from_record, key_to_record
 from .ledger import Ledger
 from .policy import (Placement, RetryPolicy, build_views, candidates, lease_active, plan_round,
-                     queue_status)
+                     queue_status, vram_after_oom, why_unplaceable)
 from .registry import Registry, RegistryError, private_dirs
 from .tasks import GIB, Queue, Task, TaskSpec, TaskState, group_queues
+from .vram import VramWatch
 from .wakeloop import WakeLoop
 
 log = structlog.get_logger("gpu_compete")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 130
 # What a record says of one attempt, dropped when the next attempt starts.
-_ATTEMPT_FIELDS = ("error_type", "retry_at", "gave_up", "exit_status", "ended_at", "pgid", "exec_pid")
+_ATTEMPT_FIELDS = ("error_type", "retry_at", "gave_up", "exit_status", "ended_at", "pgid", "exec_pid",
+                   "peak_vram_gb", "peak_gpu", "gpus")
+# A task's peak VRAM is written to its record when it has grown by this much since the last write.
+PEAK_STEP_BYTES = GIB // 10
 # How long the pids of an ended task are not counted on its GPU: NVML can list a process for
 # a moment after it exits, and the GPU must not sit idle for a poll because of it.
 GHOST_S = 10.0
@@ -59,6 +64,10 @@ class Config:
     pick: str = "longest"
     fresh: bool = False
     kill_grace: float = 10.0
+    timeout_s: float | None = None  # --timeout: the limit of a task without timeout=
+    retry_permanent: bool = False  # --retry-permanent: retry not_found/syntax/import errors too
+    oom_growth: float = 1.25  # after an oom: the next attempt needs last peak x this
+    guard: hostguard.HostGuard = field(default_factory=hostguard.HostGuard)
 
     @property
     def history(self) -> Path:
@@ -99,6 +108,9 @@ class Daemon:
         self.snapshots: list[GpuSnapshot] = []
         self.waiting_why: dict[str, str] = {}  # idle head -> why it did not start this round
         self._told_too_large: set[str] = set()
+        self.vram = VramWatch(_descends, self.user)
+        self.guard_why: str | None = None  # why the host guards hold every queue now
+        self.guard_since: str | None = None
         self.draining = self.force = self.status_requested = False
         self.next_status = 0.0
         self._pidfile_fd: int | None = None
@@ -165,6 +177,7 @@ class Daemon:
             self.known[uid] = record
             task.retry_count = 0 if self.config.fresh else record["retry_count"]
             task.gpu = key_from_record(record.get("gpu"))
+            _restore_needs(task, record, self.config.fresh)
             state = record.get("state")
             if state == "running":
                 if evidence.record_alive(record, uid, self.namespace):
@@ -193,6 +206,7 @@ class Daemon:
         gpu = key_from_record(record.get("gpu"))
         if gpu is not None:
             task.gpu = gpu
+        _restore_needs(task, record, False)
         self.known.setdefault(task.uni_id, {}).update({k: v for k, v in record.items() if k != "gpu"})
         log.info("adopted running task", uni_id=task.uni_id, pid=record.get("pid"), gpu=task.gpu)
 
@@ -209,6 +223,7 @@ class Daemon:
             self._collect(now)
             self.snapshots = self.probe.snapshot()
             self._confirm(now)
+            self._watch_vram()
             if not self.draining and not self.force:
                 self._plan_and_launch(now)
         self._write_status()
@@ -304,7 +319,7 @@ class Daemon:
         self.ledger.add_success(uid, {
             "uni_id": uid, "state": "normal_exit", "queue": task.spec.queue, "gpu": key_to_record(task.gpu),
             "attempt": task.retry_count + 1, "exit_status": exit_status,
-            "start": record.get("started_at"), "end": _iso(self.wall()), "by": "daemon"})
+            "start": record.get("started_at"), "end": _iso(self.wall()), "by": "daemon", **self._usage(task)})
         self.known.pop(uid, None)
         log.info("task completed", uni_id=uid, queue=task.spec.queue, gpu=task.gpu)
 
@@ -321,12 +336,22 @@ class Daemon:
         self._failed(task, "lost", now, note=why)
 
     def _failed(self, task: Task, error_type: str, now: float, note: str | None = None) -> None:
-        decision = self.config.retry.after_failure(task.retry_count, now)
+        permanent = is_permanent(error_type) and not self.config.retry_permanent
+        decision = self.config.retry.after_failure(task.retry_count, now, max_retries=task.spec.retries,
+                                                   permanent=permanent)
         task.retry_count, task.error_type = decision.retry_count, error_type
         self._task_ended(task, now)
+        usage = self._usage(task)
         fields: dict[str, Any] = {"state": "abnormal_exit", "error_type": error_type,
-                                  "retry_count": decision.retry_count}
-        if decision.action == "give_up":
+                                  "retry_count": decision.retry_count, **usage}
+        if error_type == "oom":
+            self._learn_from_oom(task, fields)
+        if decision.action == "give_up" and permanent:
+            task.state = TaskState.FAILED
+            fields["gave_up"] = True
+            log.error(f"task failed for good at once: {error_type} would only repeat (--retry-permanent "
+                      "retries it); its queue is blocked", uni_id=task.uni_id, error_type=error_type, note=note)
+        elif decision.action == "give_up":
             task.state = TaskState.FAILED
             fields["gave_up"] = True
             log.error("task failed for good; its queue is blocked", uni_id=task.uni_id, error_type=error_type,
@@ -347,7 +372,9 @@ class Daemon:
 
         self.ledger.write(change)
         entry = {"uni_id": uid, "state": "abnormal_exit", "error_type": error_type, "queue": task.spec.queue,
-                 "gpu": key_to_record(task.gpu), "attempt": decision.retry_count, "end": _iso(self.wall())}
+                 "gpu": key_to_record(task.gpu), "attempt": decision.retry_count, "end": _iso(self.wall()), **usage}
+        if "vram_gb_needed" in fields:
+            entry["vram_gb_needed"] = fields["vram_gb_needed"]
         if fields.get("gave_up"):
             entry["gave_up"] = True
         self.ledger.append(entry)
@@ -365,7 +392,10 @@ class Daemon:
         claimed = {pid for pids in self.gpu_pids.values() for pid in pids}
         for task in waiting:
             roots = self._roots(task)
-            mine = {pid for pid in on_gpu.get(task.gpu, ()) if pid not in claimed and _descends(pid, roots)}
+            # A gpus=N task is confirmed once its tree shows on every one of its GPUs.
+            seen = [{pid for pid in on_gpu.get(key, ()) if pid not in claimed and _descends(pid, roots)}
+                    for key in task.gpu_keys]
+            mine = set().union(*seen) if seen and all(seen) else set()
             if mine:
                 task.confirmed = True
                 self.gpu_pids[task.uni_id] = mine
@@ -384,56 +414,86 @@ class Daemon:
         return roots
 
     def placements(self, now: float) -> list[Placement]:
-        return [Placement(t.gpu, t.spec.vram_bytes, lease_active(t, now, self.config.settle))
-                for t in self.tasks.values() if t.state is TaskState.RUNNING and t.gpu is not None]
+        """One per GPU a running task holds (a gpus=N task holds N)."""
+        return [Placement(key, t.need_bytes, lease_active(t, now, self.config.settle))
+                for t in self.tasks.values() if t.state is TaskState.RUNNING for key in t.gpu_keys]
 
     def _plan_and_launch(self, now: float) -> None:
         cands = candidates(self.queues, now)
         if not cands:
             self.waiting_why = {}
             return
+        if self._guarded(cands):
+            return
         views = build_views(self.snapshots, self.placements(now), self.user, ignored=self.ghosts)
         snaps = {s.key: s for s in self.snapshots}
         plan = plan_round(cands, views, self.rng, self.config.exclusive, self.config.pick)
         for launch in plan:
-            self._launch(self.tasks[launch.uni_id], snaps[launch.gpu], now)
+            self._launch(self.tasks[launch.uni_id], [snaps[key] for key in launch.gpus], now)
         self._explain_waits(cands, {launch.uni_id for launch in plan})
+
+    def _guarded(self, cands: list) -> bool:
+        """The host guards (--min-free-ram, --min-free-disk): while one holds, nothing starts."""
+        if not self.config.guard.active:
+            return False
+        why = self.config.guard.holding(*hostguard.read(self.config.work_dir))
+        if why is None:
+            if self.guard_why is not None:
+                log.info("host guard released; tasks start again", was=self.guard_why)
+            self.guard_why = self.guard_since = None
+            return False
+        if self.guard_why is None:
+            self.guard_since = _iso(self.wall())
+            log.warning("host guard holds every queue; nothing starts until it clears", why=why)
+        self.guard_why = why
+        self.waiting_why = {c.uni_id: f"host guard: {why} (since {self.guard_since})" for c in cands}
+        return True
 
     def _explain_waits(self, cands: list, launched: set[str]) -> None:
         """Why each idle head did not start, for status; a head that fits no GPU in scope at
-        all is said once in the log, not every round."""
-        largest = max((s.total_bytes for s in self.snapshots if s.available and s.total_bytes), default=None)
+        all (too large, or more GPUs than there are) is said once in the log, not every round."""
+        totals = [s.total_bytes for s in self.snapshots if s.available]
         why = {}
         for cand in cands:
             if cand.uni_id in launched:
                 continue
             need = _gb(cand.vram_bytes)
-            if largest is not None and cand.vram_bytes > largest:
-                why[cand.uni_id] = f"needs {need} GB; the largest GPU has {_gb(largest)} GB"
+            never = why_unplaceable(cand.vram_bytes, cand.gpus, totals) if totals else None
+            if never:
+                why[cand.uni_id] = never
                 if cand.uni_id not in self._told_too_large:
                     self._told_too_large.add(cand.uni_id)
-                    log.error("task fits no GPU in scope; it waits until one does (edit its VRAM or --gpus)",
-                              uni_id=cand.uni_id, why=why[cand.uni_id])
+                    log.error("task fits no GPU in scope; it waits until one does (edit its VRAM, gpus= or --gpus)",
+                              uni_id=cand.uni_id, why=never)
             else:
                 mode = "free and none of your processes" if self.config.exclusive else "free"
-                why[cand.uni_id] = f"waiting for a GPU with {need} GB {mode}"
+                what = f"{cand.gpus} GPUs with {need} GB each" if cand.gpus > 1 else f"a GPU with {need} GB"
+                why[cand.uni_id] = f"waiting for {what} {mode}"
         self.waiting_why = why
 
-    def _launch(self, task: Task, snap: GpuSnapshot, now: float) -> None:
+    def _launch(self, task: Task, snaps: list[GpuSnapshot], now: float) -> None:
         attempt = task.retry_count + 1
-        gpu = snap.key
+        gpu = snaps[0].key
+        keys = tuple(s.key for s in snaps)
+        timeout = task.spec.timeout_s if task.spec.timeout_s is not None else self.config.timeout_s
         try:
-            child = launcher.start(task.spec, gpu, attempt, self.paths, cuda_visible=snap.cuda_visible)
+            child = launcher.start(task.spec, gpu, attempt, self.paths, cuda_visible=",".join(s.cuda_visible for s in snaps),
+                                   gpus=keys, timeout_s=timeout, grace_s=self.config.kill_grace)
         except OSError as exc:
             log.error("cannot start task", uni_id=task.uni_id, error=str(exc))
             self._failed(task, "unknown", now, note=f"launch failed: {exc}")
             return
         self.children[task.uni_id] = child
         task.state, task.gpu, task.launched_at, task.confirmed, task.adopted = TaskState.RUNNING, gpu, now, False, False
+        task.gpus = keys if len(keys) > 1 else ()
+        task.peak_vram_bytes, task.peak_gpu, task.peak_written = None, None, 0
         ct = procs.create_time(child.pid)
-        fields = {"state": "running", "retry_count": task.retry_count, "gpu": key_to_record(gpu),
-                  "queue": task.spec.queue, "attempt": attempt, "supervisor_pid": child.pid,
-                  "supervisor_create_time": ct, "started_at": _iso(self.wall()), "updated_at": _iso(self.wall())}
+        fields: dict[str, Any] = {
+            "state": "running", "retry_count": task.retry_count, "gpu": key_to_record(gpu),
+            "queue": task.spec.queue, "attempt": attempt, "supervisor_pid": child.pid,
+            "supervisor_create_time": ct, "started_at": _iso(self.wall()), "updated_at": _iso(self.wall())}
+        if task.gpus:
+            fields["gpus"] = [key_to_record(k) for k in task.gpus]
         uid = task.uni_id
 
         def change(data: dict[str, Any]) -> None:
@@ -453,6 +513,58 @@ class Daemon:
         self.ledger.write(change)
         log.info("task started", uni_id=uid, queue=task.spec.queue, gpu=gpu, attempt=attempt, pid=child.pid)
 
+    # --- what tasks use ---------------------------------------------------------------------
+
+    def _watch_vram(self) -> None:
+        """Each running task's memory on its GPUs from this round's snapshot (its whole process
+        tree); its peak is kept, written to its record as it grows, and a task using more than
+        it declared is named once in the log."""
+        running = {t.uni_id: (t.gpu_keys, self._roots(t)) for t in self.tasks.values()
+                   if t.state is TaskState.RUNNING and t.gpu_keys}
+        if not running:
+            return
+        grown = {}
+        for uid, per_gpu in self.vram.sample(self.snapshots, running).items():
+            task = self.tasks[uid]
+            key, used = max(per_gpu.items(), key=lambda kv: kv[1])
+            if task.peak_vram_bytes is not None and used <= task.peak_vram_bytes:
+                continue
+            task.peak_vram_bytes, task.peak_gpu = used, key
+            if used > task.spec.vram_bytes and not task.warned_over:
+                task.warned_over = True
+                log.warning(f"{uid} declared {_gb(task.spec.vram_bytes)} GB and uses {used / GIB:.1f} GB on GPU "
+                            f"{key}" + (" (other tasks were promised that memory)" if not self.config.exclusive
+                                        else ""), uni_id=uid)
+            if used - task.peak_written >= PEAK_STEP_BYTES:
+                task.peak_written = used
+                grown[uid] = {"peak_vram_gb": round(used / GIB, 2), "peak_gpu": key_to_record(key)}
+        if grown:
+            def change(data: dict[str, Any]) -> None:
+                for uid, fields in grown.items():
+                    if isinstance(data.get(uid), dict):
+                        data[uid].update(fields)
+            self.ledger.write(change)
+
+    def _usage(self, task: Task) -> dict[str, Any]:
+        """What a history line and a final record say of an attempt's GPUs and memory."""
+        out: dict[str, Any] = {"peak_vram_gb": None if task.peak_vram_bytes is None
+                               else round(task.peak_vram_bytes / GIB, 2)}
+        if task.gpus:
+            out["gpus"] = [key_to_record(k) for k in task.gpus]
+        return out
+
+    def _learn_from_oom(self, task: Task, fields: dict[str, Any]) -> None:
+        """An oom raises what the next attempt asks for: max(declared, peak x --oom-growth)."""
+        peak = None if task.peak_vram_bytes is None else task.peak_vram_bytes / GIB
+        need = vram_after_oom(task.spec.vram_gb, task.vram_gb_needed, peak, self.config.oom_growth)
+        task.vram_gb_needed = need
+        fields["vram_gb_needed"] = need
+        totals = [s.total_bytes for s in self.snapshots if s.available]
+        never = why_unplaceable(task.need_bytes, task.spec.gpus, totals) if totals else None
+        log.warning(f"{task.uni_id} ran out of memory: the next attempt needs {need:g} GB"
+                    + (f", and fits no GPU: {never}" if never else ""), uni_id=task.uni_id,
+                    declared_gb=task.spec.vram_gb, peak_gb=None if peak is None else round(peak, 2))
+
     # --- status ----------------------------------------------------------------------------
 
     def dry_run(self) -> str:
@@ -463,7 +575,7 @@ class Daemon:
         self.snapshots = self.probe.snapshot()
         views = build_views(self.snapshots, [], self.user)
         plan = plan_round(candidates(self.queues, now), views, self.rng, self.config.exclusive, self.config.pick)
-        return status.render_dry_run(self, views, {launch.uni_id: launch.gpu for launch in plan})
+        return status.render_dry_run(self, views, {launch.uni_id: ",".join(launch.gpus) for launch in plan})
 
     def view(self) -> dict[str, Any]:
         now = self.clock()
@@ -487,13 +599,13 @@ class Daemon:
         running = any(t.state is TaskState.RUNNING for t in self.tasks.values())
         if self.draining:
             return not running
-        return all(queue_status(q) in ("DONE", "BLOCKED") for q in self.queues.values())
+        return all(queue_status(q, self.queues) in ("DONE", "BLOCKED") for q in self.queues.values())
 
     def exit_code(self) -> int:
         states = {t.state for t in self.tasks.values()}
         if states <= {TaskState.COMPLETED}:
             return EXIT_OK
-        if all(queue_status(q) in ("DONE", "BLOCKED") for q in self.queues.values()):
+        if all(queue_status(q, self.queues) in ("DONE", "BLOCKED") for q in self.queues.values()):
             return EXIT_FAILED
         return EXIT_STOPPED
 
@@ -575,6 +687,20 @@ class Daemon:
         self.ledger.write(change)
         for task in running:
             task.state, task.retry_at, task.error_type = TaskState.RETRY, 0.0, "stopped"
+
+
+def _restore_needs(task: Task, record: dict[str, Any], fresh: bool) -> None:
+    """What an earlier daemon learned of a task: its GPUs, its raised need after an oom."""
+    gpus = record.get("gpus")
+    if isinstance(gpus, list):
+        keys = tuple(k for k in (key_from_record(g) for g in gpus) if k is not None)
+        task.gpus = keys if len(keys) > 1 else ()
+    needed = record.get("vram_gb_needed")
+    if not fresh and isinstance(needed, (int, float)) and not isinstance(needed, bool) and needed > 0:
+        task.vram_gb_needed = float(needed)
+    peak = record.get("peak_vram_gb")
+    if isinstance(peak, (int, float)) and not isinstance(peak, bool) and peak >= 0:
+        task.peak_vram_bytes = task.peak_written = int(peak * GIB)
 
 
 def _gb(size: int) -> str:

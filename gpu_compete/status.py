@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import atomic, procs
-from .policy import GpuView, fits, head, lease_active, queue_status
+from .policy import GpuView, after_state, fits, head, lease_active, queue_status
 from .tasks import GIB, TaskState
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,7 +36,7 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
     totals = dict.fromkeys(("pending", "running", "retrying", "backing_off", "completed", "failed", "blocked"), 0)
     queues = []
     for name, queue in daemon.queues.items():
-        qstatus = queue_status(queue)
+        qstatus = queue_status(queue, daemon.queues)
         for task in queue:
             if task.state is TaskState.PENDING:
                 totals["blocked" if qstatus == "BLOCKED" else "pending"] += 1
@@ -50,6 +50,8 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
             "total": len(queue), "current": current.uni_id if current else None,
             "current_state": current.state.value if current else None,
             "gpu": current.gpu if current and current.state is TaskState.RUNNING else None,
+            "gpus": list(current.gpus) if current and current.gpus and current.state is TaskState.RUNNING else None,
+            **_vram(current),
             "retry_in_s": _retry_in(current, now),
             "error_type": current.error_type if current else None,
             "why": _why_waiting(daemon, current, qstatus),
@@ -57,7 +59,7 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
     running = [t for t in daemon.tasks.values() if t.state is TaskState.RUNNING]
     gpus = []
     for snap in daemon.snapshots:
-        here = [t for t in running if t.gpu == snap.key]
+        here = [t for t in running if snap.key in t.gpu_keys]
         gpus.append({
             "index": snap.index, "key": snap.key, "name": snap.name, "available": snap.available, "error": snap.error,
             "free_bytes": snap.free_bytes, "total_bytes": snap.total_bytes,
@@ -69,11 +71,21 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(daemon.wall())),
         "daemon": {"pid": os.getpid(), "draining": daemon.draining,
                    "mode": "exclusive" if daemon.config.exclusive else "shared"},
+        "host_guard": None if daemon.guard_why is None else {"why": daemon.guard_why, "since": daemon.guard_since},
         "totals": totals, "queues": queues, "gpus": gpus,
         "registry": records_view({u: r for u, r in records.items() if u in daemon.tasks}),
         "other_records": sum(1 for u in records if u not in daemon.tasks),
         "task_ids": sorted(daemon.tasks),
     }
+
+
+def _vram(task: Any) -> dict[str, Any]:
+    """Declared VRAM beside what the current attempt used at its peak, and the raised need
+    after an oom."""
+    if task is None:
+        return {"vram_gb": None, "peak_vram_gb": None, "vram_gb_needed": None}
+    peak = None if task.peak_vram_bytes is None else round(task.peak_vram_bytes / GIB, 2)
+    return {"vram_gb": task.spec.vram_gb, "peak_vram_gb": peak, "vram_gb_needed": task.vram_gb_needed}
 
 
 def _retry_in(task: Any, now: float) -> float | None:
@@ -90,6 +102,10 @@ def _why_waiting(daemon: "Daemon", task: Any, qstatus: str) -> str | None:
         return None
     if task.state is TaskState.FAILED:
         return f"failed for good ({task.error_type or 'unknown'}); its queue is blocked"
+    if task.state is TaskState.PENDING and task.spec.after:
+        state, why = after_state(task, daemon.queues)
+        if state != "ready":
+            return why
     if task.state is TaskState.RETRY and task.error_type == "stopped":
         return "stopped; runs on restart" if daemon.draining or daemon.force else "stopped; runs again now"
     return daemon.waiting_why.get(task.uni_id)
@@ -130,6 +146,17 @@ def table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     return [fmt.format(*headers).rstrip()] + [fmt.format(*r).rstrip() for r in cells]
 
 
+def _decl_used(q: dict[str, Any]) -> str | None:
+    """`8/14.2` (declared/peak used), `8/-` before a peak is seen, `8/-, needs 17.8` after an oom."""
+    if q.get("vram_gb") is None:
+        return None
+    used = "-" if q.get("peak_vram_gb") is None else f"{q['peak_vram_gb']:g}"
+    text = f"{q['vram_gb']:g}/{used}"
+    if q.get("vram_gb_needed"):
+        text += f", needs {q['vram_gb_needed']:g}"
+    return text
+
+
 def render_records(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "registry: no records"
@@ -151,10 +178,14 @@ def render(view: dict[str, Any]) -> str:
                      f"{t['backing_off']} backing off, {t['completed']} completed, {t['failed']} failed, "
                      f"{t['blocked']} blocked")
         lines.append("")
-        lines += table(["QUEUE", "STATUS", "DONE", "CURRENT", "STATE", "GPU", "WHY WAITING"],
+        guard = view.get("host_guard")
+        if guard:
+            lines.append(f"host guard holds every queue since {guard['since']}: {guard['why']}")
+        lines += table(["QUEUE", "STATUS", "DONE", "CURRENT", "STATE", "GPU", "VRAM GB DECL/USED", "WHY WAITING"],
                         [[q["queue"], q["status"], f"{q['done']}/{q['total']}", q["current"],
                           q["current_state"] + (f" (in {q['retry_in_s']}s)" if q.get("retry_in_s") else "")
-                          if q["current_state"] else None, q["gpu"], q.get("why")] for q in view["queues"]])
+                          if q["current_state"] else None, ",".join(map(str, q.get("gpus") or [])) or q["gpu"],
+                          _decl_used(q), q.get("why")] for q in view["queues"]])
         lines.append("")
         lines += table(["GPU", "NAME", "FREE/TOTAL GB", "MY PIDS", "LEASED", "RUNNING"],
                         [[g.get("key", g["index"]), g["name"] if g["available"] else f"UNAVAILABLE: {g['error']}",

@@ -187,8 +187,11 @@ def run(cmd: list[str], uni_id: str, registry: Registry | str | os.PathLike[str]
     if history and state == "normal_exit":
         # Durable before the registry says so: a crash between the two can't lose a success.
         try:
+            # The daemon writes the attempt's peak VRAM into the record as it grows.
+            peak = said.get("peak_vram_gb") if said else None
+            usage = {"peak_vram_gb": peak} if isinstance(peak, (int, float)) and not isinstance(peak, bool) else {}
             journal.append(history, {"uni_id": uni_id, "state": state, "exit_status": returncode,
-                                     "start": _iso(started), "end": _now(), **(meta or {})})
+                                     "start": _iso(started), "end": _now(), **(meta or {}), **usage})
         except OSError as exc:  # the registry still says normal_exit; the daemon writes the line later
             _warn(f"could not append to {history}: {exc.strerror or exc}")
     _record(registry, uni_id, state=state, error_type=error_type, exit_status=returncode, ended_at=_now())

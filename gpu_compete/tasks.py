@@ -160,12 +160,19 @@ class Task:
     adopted: bool = False  # started by an earlier daemon
     gpus: tuple[str, ...] = ()  # every GPU of a gpus=N task (`gpu` is the first)
     vram_gb_needed: float | None = None  # raised after an oom: what the next attempt asks for
-    peak_vram_bytes: int | None = None  # most memory its processes held at once, this attempt
+    peak_vram_bytes: int | None = None  # most its processes held on one of its GPUs, this attempt
+    peak_gpu: str | None = None  # where that peak was
+    peak_written: int = 0  # the peak last written to its registry record
     warned_over: bool = False  # told once that it uses more than it declared
 
     @property
     def uni_id(self) -> str:
         return self.spec.uni_id
+
+    @property
+    def gpu_keys(self) -> tuple[str, ...]:
+        """Every GPU it runs on (one for most tasks)."""
+        return self.gpus or ((self.gpu,) if self.gpu is not None else ())
 
     @property
     def need_bytes(self) -> int:
