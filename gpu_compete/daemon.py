@@ -22,12 +22,12 @@ from typing import Any, Callable
 import psutil
 import structlog
 
-from . import evidence, hostguard, journal, launcher, pidfile, procs, status, stopping
+from . import evidence, hostguard, journal, launcher, pidfile, procs, status, stopping, vram
 from .classify import is_permanent
 from .gpus.base import GpuProbe, GpuSnapshot, current_user, key_from_record, key_to_record
 from .ledger import Ledger
 from .policy import (Placement, RetryPolicy, build_views, candidates, lease_active, plan_round,
-                     queue_status, vram_after_oom, why_unplaceable)
+                     queue_status, why_unplaceable)
 from .registry import Registry, RegistryError, private_dirs
 from .tasks import GIB, Queue, Task, TaskSpec, TaskState, group_queues
 from .vram import VramWatch
@@ -39,8 +39,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 130
 # What a record says of one attempt, dropped when the next attempt starts.
 _ATTEMPT_FIELDS = ("error_type", "retry_at", "gave_up", "exit_status", "ended_at", "pgid", "exec_pid",
                    "peak_vram_gb", "peak_gpu", "gpus")
-# A task's peak VRAM is written to its record when it has grown by this much since the last write.
-PEAK_STEP_BYTES = GIB // 10
 # How long the pids of an ended task are not counted on its GPU: NVML can list a process for
 # a moment after it exits, and the GPU must not sit idle for a poll because of it.
 GHOST_S = 10.0
@@ -109,8 +107,7 @@ class Daemon:
         self.waiting_why: dict[str, str] = {}  # idle head -> why it did not start this round
         self._told_too_large: set[str] = set()
         self.vram = VramWatch(_descends, self.user)
-        self.guard_why: str | None = None  # why the host guards hold every queue now
-        self.guard_since: str | None = None
+        self.guard = hostguard.GuardWatch(config.guard, config.work_dir, lambda: _iso(self.wall()))
         self.draining = self.force = self.status_requested = False
         self.next_status = 0.0
         self._pidfile_fd: int | None = None
@@ -177,7 +174,7 @@ class Daemon:
             self.known[uid] = record
             task.retry_count = 0 if self.config.fresh else record["retry_count"]
             task.gpu = key_from_record(record.get("gpu"))
-            _restore_needs(task, record, self.config.fresh)
+            vram.restore(task, record, self.config.fresh)
             state = record.get("state")
             if state == "running":
                 if evidence.record_alive(record, uid, self.namespace):
@@ -206,7 +203,7 @@ class Daemon:
         gpu = key_from_record(record.get("gpu"))
         if gpu is not None:
             task.gpu = gpu
-        _restore_needs(task, record, False)
+        vram.restore(task, record, False)
         self.known.setdefault(task.uni_id, {}).update({k: v for k, v in record.items() if k != "gpu"})
         log.info("adopted running task", uni_id=task.uni_id, pid=record.get("pid"), gpu=task.gpu)
 
@@ -319,7 +316,7 @@ class Daemon:
         self.ledger.add_success(uid, {
             "uni_id": uid, "state": "normal_exit", "queue": task.spec.queue, "gpu": key_to_record(task.gpu),
             "attempt": task.retry_count + 1, "exit_status": exit_status,
-            "start": record.get("started_at"), "end": _iso(self.wall()), "by": "daemon", **self._usage(task)})
+            "start": record.get("started_at"), "end": _iso(self.wall()), "by": "daemon", **vram.usage_fields(task)})
         self.known.pop(uid, None)
         log.info("task completed", uni_id=uid, queue=task.spec.queue, gpu=task.gpu)
 
@@ -341,11 +338,11 @@ class Daemon:
                                                    permanent=permanent)
         task.retry_count, task.error_type = decision.retry_count, error_type
         self._task_ended(task, now)
-        usage = self._usage(task)
+        usage = vram.usage_fields(task)
         fields: dict[str, Any] = {"state": "abnormal_exit", "error_type": error_type,
                                   "retry_count": decision.retry_count, **usage}
         if error_type == "oom":
-            self._learn_from_oom(task, fields)
+            fields["vram_gb_needed"] = vram.learn_from_oom(task, self.config.oom_growth, self.snapshots)
         if decision.action == "give_up" and permanent:
             task.state = TaskState.FAILED
             fields["gave_up"] = True
@@ -434,19 +431,15 @@ class Daemon:
 
     def _guarded(self, cands: list) -> bool:
         """The host guards (--min-free-ram, --min-free-disk): while one holds, nothing starts."""
-        if not self.config.guard.active:
-            return False
-        why = self.config.guard.holding(*hostguard.read(self.config.work_dir))
+        was = self.guard.why
+        why = self.guard.check()
         if why is None:
-            if self.guard_why is not None:
-                log.info("host guard released; tasks start again", was=self.guard_why)
-            self.guard_why = self.guard_since = None
+            if was is not None:
+                log.info("host guard released; tasks start again", was=was)
             return False
-        if self.guard_why is None:
-            self.guard_since = _iso(self.wall())
+        if was is None:
             log.warning("host guard holds every queue; nothing starts until it clears", why=why)
-        self.guard_why = why
-        self.waiting_why = {c.uni_id: f"host guard: {why} (since {self.guard_since})" for c in cands}
+        self.waiting_why = {c.uni_id: f"host guard: {why} (since {self.guard.since})" for c in cands}
         return True
 
     def _explain_waits(self, cands: list, launched: set[str]) -> None:
@@ -516,54 +509,16 @@ class Daemon:
     # --- what tasks use ---------------------------------------------------------------------
 
     def _watch_vram(self) -> None:
-        """Each running task's memory on its GPUs from this round's snapshot (its whole process
-        tree); its peak is kept, written to its record as it grows, and a task using more than
-        it declared is named once in the log."""
-        running = {t.uni_id: (t.gpu_keys, self._roots(t)) for t in self.tasks.values()
+        """Each running task's peak VRAM from this round's snapshot, written as it grows."""
+        running = {t.uni_id: (t, self._roots(t)) for t in self.tasks.values()
                    if t.state is TaskState.RUNNING and t.gpu_keys}
-        if not running:
-            return
-        grown = {}
-        for uid, per_gpu in self.vram.sample(self.snapshots, running).items():
-            task = self.tasks[uid]
-            key, used = max(per_gpu.items(), key=lambda kv: kv[1])
-            if task.peak_vram_bytes is not None and used <= task.peak_vram_bytes:
-                continue
-            task.peak_vram_bytes, task.peak_gpu = used, key
-            if used > task.spec.vram_bytes and not task.warned_over:
-                task.warned_over = True
-                log.warning(f"{uid} declared {_gb(task.spec.vram_bytes)} GB and uses {used / GIB:.1f} GB on GPU "
-                            f"{key}" + (" (other tasks were promised that memory)" if not self.config.exclusive
-                                        else ""), uni_id=uid)
-            if used - task.peak_written >= PEAK_STEP_BYTES:
-                task.peak_written = used
-                grown[uid] = {"peak_vram_gb": round(used / GIB, 2), "peak_gpu": key_to_record(key)}
+        grown = vram.update_peaks(self.vram, self.snapshots, running, not self.config.exclusive) if running else {}
         if grown:
             def change(data: dict[str, Any]) -> None:
                 for uid, fields in grown.items():
                     if isinstance(data.get(uid), dict):
                         data[uid].update(fields)
             self.ledger.write(change)
-
-    def _usage(self, task: Task) -> dict[str, Any]:
-        """What a history line and a final record say of an attempt's GPUs and memory."""
-        out: dict[str, Any] = {"peak_vram_gb": None if task.peak_vram_bytes is None
-                               else round(task.peak_vram_bytes / GIB, 2)}
-        if task.gpus:
-            out["gpus"] = [key_to_record(k) for k in task.gpus]
-        return out
-
-    def _learn_from_oom(self, task: Task, fields: dict[str, Any]) -> None:
-        """An oom raises what the next attempt asks for: max(declared, peak x --oom-growth)."""
-        peak = None if task.peak_vram_bytes is None else task.peak_vram_bytes / GIB
-        need = vram_after_oom(task.spec.vram_gb, task.vram_gb_needed, peak, self.config.oom_growth)
-        task.vram_gb_needed = need
-        fields["vram_gb_needed"] = need
-        totals = [s.total_bytes for s in self.snapshots if s.available]
-        never = why_unplaceable(task.need_bytes, task.spec.gpus, totals) if totals else None
-        log.warning(f"{task.uni_id} ran out of memory: the next attempt needs {need:g} GB"
-                    + (f", and fits no GPU: {never}" if never else ""), uni_id=task.uni_id,
-                    declared_gb=task.spec.vram_gb, peak_gb=None if peak is None else round(peak, 2))
 
     # --- status ----------------------------------------------------------------------------
 
@@ -687,20 +642,6 @@ class Daemon:
         self.ledger.write(change)
         for task in running:
             task.state, task.retry_at, task.error_type = TaskState.RETRY, 0.0, "stopped"
-
-
-def _restore_needs(task: Task, record: dict[str, Any], fresh: bool) -> None:
-    """What an earlier daemon learned of a task: its GPUs, its raised need after an oom."""
-    gpus = record.get("gpus")
-    if isinstance(gpus, list):
-        keys = tuple(k for k in (key_from_record(g) for g in gpus) if k is not None)
-        task.gpus = keys if len(keys) > 1 else ()
-    needed = record.get("vram_gb_needed")
-    if not fresh and isinstance(needed, (int, float)) and not isinstance(needed, bool) and needed > 0:
-        task.vram_gb_needed = float(needed)
-    peak = record.get("peak_vram_gb")
-    if isinstance(peak, (int, float)) and not isinstance(peak, bool) and peak >= 0:
-        task.peak_vram_bytes = task.peak_written = int(peak * GIB)
 
 
 def _gb(size: int) -> str:

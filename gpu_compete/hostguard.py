@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
@@ -47,3 +48,24 @@ def read(work_dir: Path) -> tuple[int | None, int | None]:
     except OSError:
         disk = None
     return ram, disk
+
+
+class GuardWatch:
+    """Whether the guards hold now, and since when (for status)."""
+
+    def __init__(self, guard: HostGuard, work_dir: Path, now_iso: Callable[[], str]):
+        self.guard, self.work_dir, self.now_iso = guard, work_dir, now_iso
+        self.why: str | None = None
+        self.since: str | None = None
+
+    def check(self) -> str | None:
+        """Why nothing may start this round, or None; the host is read only with a guard set."""
+        if not self.guard.active:
+            return None
+        why = self.guard.holding(*read(self.work_dir))
+        if why is None:
+            self.since = None
+        elif self.why is None:
+            self.since = self.now_iso()
+        self.why = why
+        return why

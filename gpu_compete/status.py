@@ -71,7 +71,7 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(daemon.wall())),
         "daemon": {"pid": os.getpid(), "draining": daemon.draining,
                    "mode": "exclusive" if daemon.config.exclusive else "shared"},
-        "host_guard": None if daemon.guard_why is None else {"why": daemon.guard_why, "since": daemon.guard_since},
+        "host_guard": None if daemon.guard.why is None else {"why": daemon.guard.why, "since": daemon.guard.since},
         "totals": totals, "queues": queues, "gpus": gpus,
         "registry": records_view({u: r for u, r in records.items() if u in daemon.tasks}),
         "other_records": sum(1 for u in records if u not in daemon.tasks),
