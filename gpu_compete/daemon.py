@@ -422,7 +422,8 @@ class Daemon:
             return
         if self._guarded(cands):
             return
-        views = build_views(self.snapshots, self.placements(now), self.user, ignored=self.ghosts)
+        views = build_views(self.snapshots, self.placements(now), self.user, ignored=self.ghosts,
+                            topology={s.key: s.group for s in self.snapshots if s.group is not None})
         snaps = {s.key: s for s in self.snapshots}
         plan = plan_round(cands, views, self.rng, self.config.exclusive, self.config.pick)
         for launch in plan:

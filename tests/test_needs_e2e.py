@@ -210,3 +210,13 @@ def test_host_guard_holds_every_queue_and_status_says_why(tmp_path):
     code, _, err = run.stop()
     assert code == 130
     assert not (tmp_path / "ran").exists()
+
+
+def test_gpus_2_prefers_two_close_gpus(tmp_path):
+    """With topology groups from the probe (a, b, a, b), a gpus=2 task gets the two GPUs of one group."""
+    sim = tmp_path / "sim.json"
+    sim.write_text(json.dumps({"gpus": [{"memory_gb": 24, "group": g} for g in ("a", "b", "a", "b")]}))
+    run = Run(tmp_path, "echo $CUDA_VISIBLE_DEVICES > {work_dir}/seen\n1,10,gpus=2\n", simulate=str(sim))
+    code, _, err = run.wait(60)
+    assert code == 0, err
+    assert marks(tmp_path, "seen") in (["0,2"], ["1,3"])

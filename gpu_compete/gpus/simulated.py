@@ -17,7 +17,8 @@ re-read whenever it changes, so faults can be injected into a running daemon:
                "processes": [{"pid": 4242, "memory_gb": 5, "user": "alice"}],
                "lost": false, "fail": null}]}
 
-`lost: true` makes the GPU unavailable (like NVML's GpuIsLost); `fail: "processes"` makes its
+`group: "numa0"` puts the GPU in a topology group (GPUs of one group are close: a gpus=N task
+prefers N of one group). `lost: true` makes the GPU unavailable (like NVML's GpuIsLost); `fail: "processes"` makes its
 process list fail, `fail: "memory"` its memory reading (like NotSupported).
 """
 
@@ -59,6 +60,7 @@ class SimGpu:
     processes: tuple[tuple[int, float, str | None], ...] = ()  # (pid, GB, user or None)
     lost: bool = False
     fail: str | None = None
+    group: str | None = None  # topology group (NUMA node / PCIe switch) for gpus=N placement
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,9 @@ def _sim_gpu(obj: dict[str, Any]) -> SimGpu:
     fail = obj.get("fail")
     if fail not in (None, "processes", "memory"):
         raise ValueError(f"fail must be \"processes\" or \"memory\", not {fail!r}")
-    return SimGpu(float(obj["memory_gb"]), str(obj.get("name", "Simulated GPU")), procs, bool(obj.get("lost")), fail)
+    group = obj.get("group")
+    return SimGpu(float(obj["memory_gb"]), str(obj.get("name", "Simulated GPU")), procs, bool(obj.get("lost")), fail,
+                  None if group is None else str(group))
 
 
 def sim_uuid(index: int) -> str:
@@ -220,7 +224,7 @@ class SimulatedProbe:
                 continue
             util = min(100, 100 * len(procs)) if procs else 0
             out.append(GpuSnapshot(index, sim_uuid(index), gpu.name, total, used, total - used, util,
-                                   tuple(procs), error=error, processes_known=known))
+                                   tuple(procs), error=error, processes_known=known, group=gpu.group))
         return out
 
     def close(self) -> None:
