@@ -422,3 +422,20 @@ def test_warnings_once_per_state_change():
         probe.snapshot()
         probe.snapshot()
     assert len(caught) == 3
+
+
+def test_topology_groups_gpus_under_one_pcie_switch():
+    """GPUs joined by PCIe switches only share a group; across a host bridge they don't."""
+    fake = FakeNvml([FakeGpu(f"GPU-{i}") for i in range(4)])
+    levels = {(0, 2): 20, (1, 3): 10}  # MULTIPLE, SINGLE; every other pair crosses the CPU
+    fake.module.nvmlDeviceGetTopologyCommonAncestor = lambda a, b: levels.get((min(a, b), max(a, b)), 40)
+    probe = probe_over(fake)
+    assert [s.group for s in probe.snapshot()] == ["pcie0", "pcie1", "pcie0", "pcie1"]
+
+
+def test_topology_falls_back_to_the_numa_node_then_to_nothing():
+    """Without the ancestor call the NUMA node groups GPUs; without either, no groups at all."""
+    fake = FakeNvml([FakeGpu(f"GPU-{i}") for i in range(3)])
+    fake.module.nvmlDeviceGetNumaNodeId = lambda h: [0, 1, 0][h]
+    assert [s.group for s in probe_over(fake).snapshot()] == ["numa0", "numa1", "numa0"]
+    assert [s.group for s in probe_over(FakeNvml([FakeGpu(f"GPU-{i}") for i in range(3)])).snapshot()] == [None] * 3

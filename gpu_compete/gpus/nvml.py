@@ -73,6 +73,7 @@ class NvmlProbe:
             self.close()  # the ScopeError is the user's to fix; don't leave NVML initialised behind it
             raise
 
+        self.groups = self._topology(self.indices)
         self._memory_v1: set[int] = set()  # GPUs whose driver refused the v2 memory call
         self._process_calls = [name for name in _PROCESS_CALLS if hasattr(self._nvml, name)]
         self._last_error: dict[int, str | None] = {}
@@ -121,7 +122,42 @@ class NvmlProbe:
                 raise
             processes, error = (), "process list unavailable"
         return GpuSnapshot(index, self._uuids[index], self._names[index], total, used, free,
-                           utilization, processes, available=True, error=error)
+                           utilization, processes, available=True, error=error, group=self.groups.get(index))
+
+    def _topology(self, indices: list[int]) -> dict[int, str]:
+        """Which GPUs are close, read once: GPUs joined by PCIe switches only (a common
+        ancestor of NVML_TOPOLOGY_SINGLE or MULTIPLE, below any host bridge) form one group,
+        "pcie<lowest index>"; where the driver can't say (NotSupported, an old driver without
+        the call), the NUMA node, "numa<N>"; else nothing (all one group). A gpus=N task
+        prefers N GPUs of one group."""
+        nvml = self._nvml
+        ancestor, numa = (hasattr(nvml, n) for n in ("nvmlDeviceGetTopologyCommonAncestor", "nvmlDeviceGetNumaNodeId"))
+        if len(indices) < 2 or not (ancestor or numa):
+            return {}
+        try:
+            if not ancestor:
+                raise AttributeError("nvmlDeviceGetTopologyCommonAncestor")
+            handles = {i: nvml.nvmlDeviceGetHandleByIndex(i) for i in indices}
+            limit = getattr(nvml, "NVML_TOPOLOGY_MULTIPLE", 20)
+            parent = {i: i for i in indices}
+
+            def root(i: int) -> int:
+                while parent[i] != i:
+                    i = parent[i]
+                return i
+
+            for a in indices:
+                for b in indices:
+                    if a < b and int(nvml.nvmlDeviceGetTopologyCommonAncestor(handles[a], handles[b])) <= limit:
+                        parent[max(root(a), root(b))] = min(root(a), root(b))
+            return {i: f"pcie{root(i)}" for i in indices}
+        except Exception:  # noqa: BLE001 - no topology is a value, never a failure of the probe
+            pass
+        try:
+            return {i: f"numa{int(nvml.nvmlDeviceGetNumaNodeId(nvml.nvmlDeviceGetHandleByIndex(i)))}"
+                    for i in indices}
+        except Exception:  # noqa: BLE001
+            return {}
 
     def _identify(self, index: int) -> None:
         """Record index -> uuid/name; kept so a GPU whose calls fail later is still named."""
