@@ -189,7 +189,7 @@ def run(cmd: list[str], uni_id: str, registry: Registry | str | os.PathLike[str]
         try:
             # The daemon writes the attempt's peak VRAM into the record as it grows.
             peak = said.get("peak_vram_gb") if said else None
-            usage = {"peak_vram_gb": peak} if isinstance(peak, (int, float)) and not isinstance(peak, bool) else {}
+            usage = {"peak_vram_gb": peak if isinstance(peak, (int, float)) and not isinstance(peak, bool) else None}
             journal.append(history, {"uni_id": uni_id, "state": state, "exit_status": returncode,
                                      "start": _iso(started), "end": _now(), **(meta or {}), **usage})
         except OSError as exc:  # the registry still says normal_exit; the daemon writes the line later
