@@ -217,10 +217,14 @@ def _options_text(spec) -> str:
 @click.option("--registry", type=click.Path(dir_okay=False),
               help="Registry file [default: $GPU_COMPETE_REGISTRY, else ./script_process/uni_id.json].")
 @click.option("--log", "log_file", type=click.Path(dir_okay=False), help="Also append CMD's output here.")
+@click.option("--timeout", "timeout", type=DURATION,
+              help="Time limit (90s, 30m, 4h, 1h30m): SIGTERM to CMD's group, SIGKILL 10 s later; error_type timeout.")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec(uni_id: str, registry: str | None, log_file: str | None, cmd: tuple[str, ...]) -> None:  # noqa: A001
+def exec(uni_id: str, registry: str | None, log_file: str | None, timeout: float | None,  # noqa: A001
+         cmd: tuple[str, ...]) -> None:
     """Run CMD and record it in the registry: running, then normal_exit or abnormal_exit
-    with an error_type (oom, runtime_error, killed, unknown) read from its output.
+    with an error_type (oom, not_found, syntax_error, import_error, nccl_error, runtime_error,
+    killed, host_oom, timeout, unknown) read from its exit status and output.
 
     SIGINT, SIGTERM and SIGHUP are forwarded to CMD. Exits with CMD's status (128+N when
     signal N ended it). Use `--` before CMD: gpu-compete exec --uni-id exp1 -- python train.py
@@ -229,7 +233,7 @@ def exec(uni_id: str, registry: str | None, log_file: str | None, cmd: tuple[str
     from .supervisor import run
 
     uid = _uni_id(uni_id)
-    result = run(list(cmd), uid, Registry(_registry_path(registry)), log_file)
+    result = run(list(cmd), uid, Registry(_registry_path(registry)), log_file, timeout_s=timeout)
     sys.exit(result.returncode)
 
 

@@ -242,3 +242,16 @@ def test_forwarded_sigkill_is_killed_not_host_oom(tmp_path):
     os.kill(child.pid, signal.SIGTERM)
     assert child.wait(timeout=20) == 137
     assert Registry(tmp_path / "r.json").get("t4")["error_type"] == "killed"
+
+
+def test_exec_timeout_through_the_cli(tmp_path):
+    """`gpu-compete exec --timeout 1s` ends a hung CMD and records it as timeout."""
+    from .helpers import console_script
+
+    reg = tmp_path / "r.json"
+    start = time.monotonic()
+    done = subprocess.run([console_script(), "exec", "--uni-id", "hang", "--registry", str(reg), "--timeout", "1s",
+                           "--", PY, "-c", "import time; time.sleep(60)"], capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - start < 30
+    assert done.returncode == 143
+    assert Registry(reg).get("hang")["error_type"] == "timeout"
