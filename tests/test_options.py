@@ -156,3 +156,29 @@ def test_check_bad_option_exits_2(tmp_path):
     result = CliRunner().invoke(main, ["check", "--commands", str(path)])
     assert result.exit_code == 2
     assert f"{path}:2: option gpus is given twice" in result.output
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+OPTION_VALUES = st.fixed_dictionaries({}, optional={
+    "gpus": st.integers(1, 64),
+    "timeout_s": st.integers(1, 10**6).map(float),
+    "priority": st.integers(-10**6, 10**6),
+    "retries": st.integers(0, 10**6),
+})
+
+
+@settings(max_examples=200, deadline=None)
+@given(OPTION_VALUES, st.randoms(use_true_random=False))
+def test_any_valid_options_round_trip(values, rnd):
+    """Options written in any order (timeouts as `check` formats them) parse to exactly those values."""
+    from gpu_compete.options import format_duration
+
+    items = [f"timeout={format_duration(v)}" if k == "timeout_s" else f"{k}={v}" for k, v in values.items()]
+    rnd.shuffle(items)
+    line = ",".join(["1", "8", *items])
+    task = one(line)
+    assert {k: getattr(task, k) for k in values} == values
+    # options() leaves out what equals the default (gpus=1, priority=0)
+    assert task.options() == {k: v for k, v in values.items() if (k, v) not in (("gpus", 1), ("priority", 0))}
