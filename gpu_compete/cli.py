@@ -351,15 +351,16 @@ def status(state_dir: str, registry_file: str | None, all_records: bool, as_json
 
 @main.command()
 @click.option("--gpus", "gpu_scope", default="all", show_default=True, envvar="GPU_COMPETE_GPUS",
-              help="all, or a comma list of NVML indices and/or UUIDs.")
+              help="all, or a comma list of NVML indices, GPU UUIDs and MIG UUIDs (a MIG GPU's index "
+                   "or UUID means all its MIG devices).")
 @click.option("--simulate", metavar="SPEC", envvar="GPU_COMPETE_SIMULATE",
               help="Simulated GPUs instead of NVML: NxGB (4x24), NxGB,delay=S, or a JSON file.")
 @click.option("--state-dir", default="script_process", show_default=True, envvar="GPU_COMPETE_STATE_DIR",
               help="With --simulate: show the simulation as the daemon on this state directory sees it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the snapshot as JSON on stdout.")
 def gpus(gpu_scope: str, simulate: str | None, state_dir: str, as_json: bool) -> None:
-    """Show each GPU as the scheduler sees it: memory, utilization, processes and owners, and
-    whether it is free for you in exclusive mode."""
+    """Show each GPU (each MIG device, on a GPU in MIG mode) as the scheduler sees it: memory,
+    utilization, processes and owners, and whether it is free for you in exclusive mode."""
     from .gpus import current_user
     from .policy import build_views, fits
     from .status import gb, table
@@ -370,17 +371,22 @@ def gpus(gpu_scope: str, simulate: str | None, state_dir: str, as_json: bool) ->
     finally:
         probe.close()
     user = current_user()
-    free_for_me = {v.key: fits(v, 0, True) for v in build_views(snaps, [], user)}
+    # One view per snapshot, in order: MIG devices of one GPU share its index, so pair, don't key.
+    free_for_me = [fits(v, 0, True) for v in build_views(snaps, [], user)]
     if as_json:
-        click.echo(json.dumps({"user": user, "gpus": [dict(s.to_dict(), free_for_me_exclusive=free_for_me[s.key])
-                                                      for s in snaps]}, indent=2))
+        click.echo(json.dumps({"user": user, "gpus": [dict(s.to_dict(), free_for_me_exclusive=free)
+                                                      for s, free in zip(snaps, free_for_me)]}, indent=2))
         return
     rows = []
-    for s in snaps:
+    for s, free in zip(snaps, free_for_me):
         util = "?" if s.utilization is None else f"{s.utilization}%"
-        ps = " ".join(f"{p.pid}:{p.user}:{gb(p.used_bytes)}GB" for p in s.processes) or None
-        rows.append([s.key, s.name if s.available else f"UNAVAILABLE ({s.error})",
-                     f"{gb(s.free_bytes)}/{gb(s.total_bytes)}", util, ps, "yes" if free_for_me[s.key] else "no"])
+        if not s.processes_known:
+            ps = f"(unreadable: {(s.error or '').removeprefix('process list unavailable: ') or 'no reason given'})"
+        else:
+            ps = " ".join(f"{p.pid}:{p.user}:{gb(p.used_bytes)}GB" for p in s.processes) or None
+        name = s.name if s.cuda_visible == str(s.index) else f"{s.name} [{s.cuda_visible}]"
+        rows.append([s.key, name if s.available else f"UNAVAILABLE ({s.error})",
+                     f"{gb(s.free_bytes)}/{gb(s.total_bytes)}", util, ps, "yes" if free else "no"])
     click.echo("\n".join(table(["GPU", "NAME", "FREE/TOTAL GB", "UTIL", "PROCESSES (pid:user:GB)",
                                  f"FREE FOR {user} (exclusive)"], rows)))
 

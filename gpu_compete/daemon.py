@@ -24,7 +24,8 @@ import structlog
 
 from . import evidence, hostguard, journal, launcher, pidfile, procs, status, stopping, vram
 from .classify import is_permanent
-from .gpus.base import GpuProbe, GpuSnapshot, current_user, key_from_record, key_to_record
+from .gpus.base import (PID_NAMESPACE_WARNING, GpuProbe, GpuSnapshot, current_user, key_from_record,
+                        key_to_record, pid_namespace_mismatch, without_owners)
 from .ledger import Ledger
 from .policy import (Placement, RetryPolicy, build_views, candidates, lease_active, plan_round,
                      queue_status, why_unplaceable)
@@ -105,6 +106,7 @@ class Daemon:
         self.ghosts: dict[int, float] = {}  # pid of an ended task -> until when it is not counted
         self.snapshots: list[GpuSnapshot] = []
         self.waiting_why: dict[str, str] = {}  # idle head -> why it did not start this round
+        self.foreign_pids = False  # NVML's pids are another namespace's (a container)
         self._told_too_large: set[str] = set()
         self.vram = VramWatch(_descends, self.user)
         self.guard = hostguard.GuardWatch(config.guard, config.work_dir, lambda: _iso(self.wall()))
@@ -138,12 +140,14 @@ class Daemon:
         live processes adopted, failures and backoffs carried on."""
         now, wall = self.clock(), self.wall()
         try:
-            self.ledger.journaled = journal.completed(self.config.history)
-            gave_up = {} if self.config.fresh else journal.failed_for_good(self.config.history)
+            # One read, and the tail goes on from where it ended: a success appended while we
+            # start is then either in this read or in the first round's, never in neither.
+            past = self.ledger.history.new_entries(strict=True)
         except OSError as exc:
             raise DaemonError(f"cannot read {self.config.history}: {exc.strerror or exc}") from None
+        self.ledger.journaled = journal.completed(past)
+        gave_up = {} if self.config.fresh else journal.failed_for_good(past)
         done = set() if self.config.fresh else set(self.ledger.journaled)
-        self.ledger.history.new_entries()  # start reading after what is already there
         try:
             records = self.registry.read()
         except RegistryError as exc:
@@ -164,6 +168,10 @@ class Daemon:
                 # A live process of the task: whatever the registry says now (nothing, a stale
                 # or clobbered record), it is adopted, never killed or started again.
                 self._adopt(task, {**(record or {}), **live[uid]}, now)
+                continue
+            if (record is None or record.get("state") == "running") and self._supervised(uid):
+                # Its supervisor still runs (its task may have ended, its outcome not yet written).
+                self._adopt(task, record or {}, now)
                 continue
             if uid in gave_up and not (record and record.get("state") == "running"):
                 task.state, task.error_type = TaskState.FAILED, gave_up[uid].get("error_type")
@@ -209,7 +217,11 @@ class Daemon:
 
     def _alive(self, uid: str, record: dict[str, Any] | None) -> bool:
         return evidence.record_alive(record or self.known.get(uid, {}), uid, self.namespace) or (
-            record is not None and uid in self.known and evidence.record_alive(self.known[uid], uid, self.namespace))
+            record is not None and uid in self.known and evidence.record_alive(self.known[uid], uid, self.namespace)
+        ) or self._supervised(uid)
+
+    def _supervised(self, uid: str) -> bool:
+        return evidence.supervisor_running(launcher.log_path(self.config.state_dir, uid))
 
     # --- one round -------------------------------------------------------------------------
 
@@ -219,6 +231,7 @@ class Daemon:
         with self.ledger.batch():
             self._collect(now)
             self.snapshots = self.probe.snapshot()
+            self._check_pid_namespace(now)
             self._confirm(now)
             self._watch_vram()
             if not self.draining and not self.force:
@@ -249,20 +262,21 @@ class Daemon:
                         missing[uid] = self.known[uid]  # wiped by someone: put our record back
                     continue
                 del self.children[uid]
-                said = evidence.wrapper_ending(record)
+                said = evidence.wrapper_ending(record, child.pid)
                 if uid in successes or (said and said.state == "normal_exit") or (rc == 0 and not said):
                     self._completed(task, record or {}, now, exit_status=rc)
                 elif rc < 0 and not said:
                     self._lost(task, f"its supervisor was killed by signal {-rc}", now)
                 else:
-                    self._failed(task, self._why(task, record, rc), now)
+                    self._failed(task, self._why(task, record, rc, child.pid), now)
                 continue
             # Adopted: not our child, so the registry, the history and the log tell how it ended.
-            said = evidence.wrapper_ending(record)
+            sup = self.known.get(uid, {}).get("supervisor_pid")
+            said = evidence.wrapper_ending(record, sup if procs.is_pid(sup) else None)
             if uid in successes or (said and said.state == "normal_exit"):
                 self._completed(task, record or {}, now)
             elif said:
-                self._failed(task, self._why(task, record), now)
+                self._failed(task, self._why(task, record, None, sup if procs.is_pid(sup) else None), now)
             elif not self._alive(uid, record):
                 self._ended_unseen(task, record or {}, now)
             elif record is None and uid in self.known:
@@ -271,9 +285,10 @@ class Daemon:
             log.warning("registry records vanished; writing them back", uni_ids=sorted(missing))
             self.ledger.write(lambda data: [data.setdefault(u, r) for u, r in missing.items()])
 
-    def _why(self, task: Task, record: dict[str, Any] | None, returncode: int | None = None) -> str:
+    def _why(self, task: Task, record: dict[str, Any] | None, returncode: int | None = None,
+             supervisor_pid: int | None = None) -> str:
         tail = evidence.log_tail(launcher.log_path(self.config.state_dir, task.uni_id))
-        return evidence.error_type(record, tail, task.uni_id, returncode)
+        return evidence.error_type(record, tail, task.uni_id, returncode, supervisor_pid)
 
     def _ended_unseen(self, task: Task, record: dict[str, Any], now: float) -> None:
         """A task whose process is gone and whose end nobody recorded in the registry: the
@@ -376,6 +391,22 @@ class Daemon:
             entry["gave_up"] = True
         self.ledger.append(entry)
 
+    def _check_pid_namespace(self, now: float) -> None:
+        """In a container without --pid=host NVML lists host pids: none of our tasks ever shows
+        up as itself. Said once; from then on owners of GPU processes are not guessed from pids
+        that mean something else here, and leases end at --settle."""
+        if not self.foreign_pids:
+            settled = {}
+            for t in self.tasks.values():
+                if (t.state is TaskState.RUNNING and not t.confirmed and t.gpu is not None
+                        and t.launched_at is not None and now - t.launched_at >= self.config.settle):
+                    settled.setdefault(t.gpu, set()).update(self._roots(t))
+            if settled and pid_namespace_mismatch(self.snapshots, settled):
+                self.foreign_pids = True
+                log.warning(PID_NAMESPACE_WARNING)
+        if self.foreign_pids:
+            self.snapshots = without_owners(self.snapshots)
+
     def _confirm(self, now: float) -> None:
         """A launch is confirmed once a process of its tree shows on its GPU; the pids seen
         there are remembered, so they are not counted once the task has ended."""
@@ -426,6 +457,8 @@ class Daemon:
                             topology={s.key: s.group for s in self.snapshots if s.group is not None})
         snaps = {s.key: s for s in self.snapshots}
         plan = plan_round(cands, views, self.rng, self.config.exclusive, self.config.pick)
+        if plan:
+            self.ledger.write_pending()  # a failure recorded this round lands before the retry starts
         for launch in plan:
             self._launch(self.tasks[launch.uni_id], [snaps[key] for key in launch.gpus], now)
         self._explain_waits(cands, {launch.uni_id for launch in plan})

@@ -14,6 +14,7 @@ again on the registry's word alone:
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 from pathlib import Path
@@ -67,6 +68,24 @@ def record_alive(record: dict[str, Any], uni_id: str, namespace: str) -> bool:
     return state == "unverified" and process_carries(record.get("pid"), uni_id, namespace)
 
 
+def supervisor_running(log_path: Path) -> bool:
+    """True while a supervisor holds its shared lock on the task's log: it runs, even if the
+    task's own processes have ended and the outcome is not written yet."""
+    try:
+        fd = os.open(log_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # also drops our lock, if we got it
+    return False
+
+
 def live_task_processes(uni_ids: set[str] | dict, namespace: str) -> dict[str, dict[str, Any]]:
     """{uni_id: {pid, create_time, gpu}} of the oldest live process of ours carrying one of
     these task ids and our namespace in its environment (one scan of the process table)."""
@@ -109,18 +128,24 @@ def supervisor_ending(tail: str, uni_id: str) -> Ending | None:
     return None
 
 
-def wrapper_ending(record: dict[str, Any] | None) -> Ending | None:
-    """A final state the registry holds in a form a writer chose (not a bare pid)."""
+def wrapper_ending(record: dict[str, Any] | None, supervisor_pid: int | None = None) -> Ending | None:
+    """A final state the registry holds in a form a writer chose (not a bare pid). With the
+    attempt's supervisor known, only a record that names it (`exec_pid`, written when the
+    attempt started) speaks for this attempt: a stale record of an earlier attempt, put back
+    by a writer that read it before, does not."""
     if not record or record.get("legacy") or record.get("state") not in ("normal_exit", "abnormal_exit"):
+        return None
+    if supervisor_pid is not None and record.get("exec_pid") != supervisor_pid:
         return None
     error = record.get("error_type") if record["state"] == "abnormal_exit" else None
     return Ending(record["state"], error if isinstance(error, str) and error else None)
 
 
-def error_type(record: dict[str, Any] | None, tail: str, uni_id: str, returncode: int | None = None) -> str:
+def error_type(record: dict[str, Any] | None, tail: str, uni_id: str, returncode: int | None = None,
+               supervisor_pid: int | None = None) -> str:
     """Why an attempt failed, from the best evidence: the wrapper's record, the supervisor's
     end line, the classifier over the log tail (with the exit status where we have it)."""
-    said = wrapper_ending(record)
+    said = wrapper_ending(record, supervisor_pid)
     if said and said.error_type and said.error_type != "unknown":
         return said.error_type
     ended = supervisor_ending(tail, uni_id)

@@ -11,7 +11,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 
 def append(path: str | os.PathLike[str], entry: dict[str, Any]) -> None:
@@ -41,17 +41,19 @@ def entries(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
         return
 
 
-def completed(path: str | os.PathLike[str]) -> set[str]:
-    """uni_ids that have ended with normal_exit at least once."""
-    return {e["uni_id"] for e in entries(path) if e.get("state") == "normal_exit" and isinstance(e.get("uni_id"), str)}
+def completed(path: str | os.PathLike[str] | Iterable[dict[str, Any]]) -> set[str]:
+    """uni_ids that have ended with normal_exit at least once (from a file, or from entries
+    already read)."""
+    lines = entries(path) if isinstance(path, (str, os.PathLike)) else path
+    return {e["uni_id"] for e in lines if e.get("state") == "normal_exit" and isinstance(e.get("uni_id"), str)}
 
 
-def failed_for_good(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+def failed_for_good(path: str | os.PathLike[str] | Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """{uni_id: its gave-up line} for tasks whose last word in the history is that they failed
     for good: durable where a registry record is not (a script may overwrite it). A later
     success, or a line saying the task was retried on purpose (`"state": "retried"`), ends it."""
     out: dict[str, dict[str, Any]] = {}
-    for e in entries(path):
+    for e in entries(path) if isinstance(path, (str, os.PathLike)) else path:
         uid = e.get("uni_id")
         if not isinstance(uid, str):
             continue
@@ -69,7 +71,8 @@ class Tail:
         self.path = Path(path)
         self.offset = 0
 
-    def new_entries(self) -> list[dict[str, Any]]:
+    def new_entries(self, strict: bool = False) -> list[dict[str, Any]]:
+        """`strict`: an unreadable file raises OSError instead of a warning (at start-up)."""
         try:
             with open(self.path, "rb") as fh:
                 fh.seek(self.offset)
@@ -77,6 +80,8 @@ class Tail:
         except FileNotFoundError:
             return []
         except OSError as exc:  # read again next round, from the same place
+            if strict:
+                raise
             warnings.warn(f"cannot read {self.path}: {exc.strerror or exc}", stacklevel=2)
             return []
         end = data.rfind(b"\n") + 1  # leave a line still being written for next time

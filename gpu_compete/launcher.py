@@ -120,6 +120,7 @@ def start(spec: TaskSpec, gpu: str, attempt: int, paths: LaunchPaths, cuda_visib
     {available_gpu}. `timeout_s`: its time limit (SIGTERM, then SIGKILL `grace_s` later).
     """
     cuda_visible = cuda_visible or gpu
+    supervisor.load_prctl()  # once per daemon, not once per task's child
     commands = spec.expanded(str(paths.work_dir), cuda_visible)
     script = build_script(commands)
     meta: dict = {"queue": spec.queue, "gpu": key_to_record(gpu), "attempt": attempt}

@@ -35,11 +35,22 @@ class Ledger:
         self.read_only = False  # a dry run decides as a real run would, and writes nothing
         self._batching = False
 
+    def write_pending(self) -> None:
+        """Write what a batch holds so far, now. Before a launch: a change meant for a task's
+        last attempt (its failure) must reach the file before the new attempt's supervisor
+        writes its own record, or it would be applied on top of that record."""
+        if self._pending:
+            self._batching, batching = False, self._batching
+            try:
+                self.write(lambda data: None)
+            finally:
+                self._batching = batching
+
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
-        """Registry changes made inside are written once, at the end, in order: a round that
-        collects an ended task and launches the next one takes the registry's lock and fsyncs
-        once, after the launch, instead of once before it (the GPU idles meanwhile)."""
+        """Registry changes made inside are written once, at the end, in order (the launches of
+        a round, say: one lock and fsync for all of them, after the forks). Changes that must
+        precede a launch are written with `write_pending()` first."""
         self._batching = True
         try:
             yield

@@ -101,6 +101,9 @@ class GpuView:
     leased: bool = False  # a launch here has not shown up in NVML yet
     own_tasks: int = 0  # tasks of this daemon running here
     rank: int = 0  # position in the probe's order (NVML index order): ties go to the lowest
+    # False when NVML would not list this GPU's processes: a process of ours may be there
+    # unseen, so exclusive mode can't call it free (its memory is still read, and trusted).
+    processes_known: bool = True
     group: str | None = None  # topology: GPUs of one group (NUMA node, PCIe switch) are close
 
 
@@ -144,7 +147,7 @@ def build_views(snapshots: Iterable[GpuSnapshot], placements: Iterable[Placement
                 mine = tuple(p for p in mine if p.pid not in ignored)
                 free = _without_ghosts(snap, free, ghosts, ignored)
         views.append(GpuView(snap.key, free, snap.available, bool(mine), any(p.leased for p in here),
-                             len(here), rank, (topology or {}).get(snap.key)))
+                             len(here), rank, snap.processes_known, (topology or {}).get(snap.key)))
     return views
 
 
@@ -162,7 +165,7 @@ def _without_ghosts(snap: GpuSnapshot, free: int | None, ghosts: list, ignored: 
 def fits(gpu: GpuView, vram_bytes: int, exclusive: bool) -> bool:
     if not gpu.available:
         return False
-    if exclusive and (gpu.user_busy or gpu.leased or gpu.own_tasks):
+    if exclusive and (gpu.user_busy or gpu.leased or gpu.own_tasks or not gpu.processes_known):
         return False
     if gpu.free_bytes is None:  # memory unknown: only a task that needs none can go there
         return vram_bytes == 0

@@ -54,17 +54,47 @@ class _Tail:
             return b"".join(self.chunks)[-TAIL_BYTES:].decode("utf-8", "replace")
 
 
+_PRCTL: Any = None  # libc's prctl, loaded once (the daemon loads it before forking supervisors)
+
+
+def load_prctl() -> None:
+    """Load libc's prctl now rather than in every task's child between fork and exec, where
+    importing ctypes and dlopen-ing libc cost milliseconds of every task's start."""
+    global _PRCTL
+    if _PRCTL is None:
+        try:
+            import ctypes
+
+            _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):  # pragma: no cover - not Linux
+            _PRCTL = False
+
+
 def _set_death_signal() -> None:
     """In CMD's child before exec: own process group, and SIGKILL if the supervisor dies,
     so a killed supervisor cannot leave an unrecorded task running."""
     os.setpgid(0, 0)
-    try:
-        import ctypes
+    load_prctl()
+    if _PRCTL:
+        _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
-        pass
+
+def _hold_alive_lock(log_path: str) -> None:
+    """Hold a shared lock on the task's log for the supervisor's whole life (the kernel drops
+    it when the process ends). A daemon restarted meanwhile finds the task alive by it even
+    between the task's end and the moment its outcome is written, when no process of the
+    task is left to find by its environment (evidence.supervisor_running)."""
+    import fcntl
+
+    try:
+        fd = os.open(log_path, os.O_RDONLY | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return  # without the lock a restarted daemon falls back on the other evidence
+    _ALIVE_LOCKS.append(fd)  # never closed: it must outlive every write below
+
+
+_ALIVE_LOCKS: list[int] = []
 
 
 def _pump(src: IO[bytes], sinks: list[IO[bytes]], tail: _Tail, lock: threading.Lock) -> None:
@@ -116,6 +146,7 @@ def run(cmd: list[str], uni_id: str, registry: Registry | str | os.PathLike[str]
     if log_path:
         os.makedirs(os.path.dirname(log_path) or ".", mode=0o700, exist_ok=True)
         log = open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab", buffering=0)
+        _hold_alive_lock(log_path)
         what = title or " ".join(cmd)
         log.write(f"==== {_now()} start {uni_id} (supervisor {os.getpid()}): {what}\n".encode())
     started = time.time()
@@ -169,7 +200,10 @@ def run(cmd: list[str], uni_id: str, registry: Registry | str | os.PathLike[str]
     except RegistryError as exc:  # an unreadable registry must not cost CMD's exit status
         _warn(f"could not read the registry: {exc}")
         said = None
-    said_final = said is not None and said.get("state") in ("normal_exit", "abnormal_exit")
+    # Only a final state written during this attempt counts (the record names this supervisor,
+    # as it did when it started): a stale record put back by some writer is not the wrapper's word.
+    said_final = (said is not None and said.get("state") in ("normal_exit", "abnormal_exit")
+                  and said.get("exec_pid") == os.getpid())
     if said_final:
         state, error_type = said["state"], said.get("error_type") if said["state"] == "abnormal_exit" else None
         if state == "abnormal_exit" and error_type in (None, "", "unknown"):

@@ -352,7 +352,7 @@ class ChaosRun:
 
     def victims(self) -> list[tuple[str, psutil.Process, int]]:
         """Running supervisors of this run's tasks, each proven to be one: its pid and create
-        time are the record's, it is a fork of our daemon (same argv, naming our state dir), and
+        time are the record's, it is titled `gpu-compete: supervisor <uni_id>`, and
         its one child, the task's shell and process-group leader, carries the record's uni_id
         and our namespace in its environment. (A supervisor is forked, not exec'd, so its own
         /proc environ is still the daemon's; the task environment shows in its child.)"""
@@ -369,9 +369,8 @@ class ChaosRun:
                 proc = psutil.Process(sup)
                 if abs(proc.create_time() - sct) >= 0.05 or proc.status() == psutil.STATUS_ZOMBIE:
                     continue
-                cmdline = proc.cmdline()
-                if cmdline[len(cmdline) - len(self.argv) + 1:] != self.argv[1:]:
-                    continue
+                if " ".join(proc.cmdline()).strip() != f"gpu-compete: supervisor {uid}":
+                    continue  # its title, set by setproctitle in the fork
                 env = proc.environ()
                 kids = proc.children()
                 if len(kids) != 1:

@@ -27,7 +27,7 @@ from gpu_compete import journal, procs, status
 from gpu_compete.daemon import Config, Daemon
 from gpu_compete.gpus.nvml import NvmlProbe, NvmlWarning
 from gpu_compete.gpus.simulated import NAMESPACE_ENV, SimulatedProbe
-from gpu_compete.policy import RetryPolicy
+from gpu_compete.policy import RetryPolicy, lease_active
 from gpu_compete.registry import Registry
 from gpu_compete.tasks import TaskSpec, TaskState
 
@@ -170,21 +170,33 @@ def test_unknown_memory_on_one_gpu_sends_vram_tasks_to_the_other(tmp_path):
     assert view["gpus"][0]["available"] is True and view["gpus"][0]["free_bytes"] is None
 
 
-def test_failing_process_list_mid_run_keeps_scheduling_on_that_gpu(tmp_path):
-    """`fail: "processes"` on GPU 1 mid-run: the GPU stays in use (never twice at once), every task
-    completes once, in queue order."""
+@pytest.mark.parametrize("mode", ["--exclusive", "--shared"])
+def test_failing_process_list_mid_run_closes_the_gpu_in_exclusive_mode_only(tmp_path, mode):
+    """`fail: "processes"` on GPU 1 mid-run: in exclusive mode no new task goes there while its
+    processes can't be seen (a process of ours may be there), and it is used again once they can;
+    in shared mode its memory is trusted and it stays in use. Every task completes once, in order."""
     sim = SimFile(tmp_path / "sim.json", [{"memory_gb": 24}, {"memory_gb": 24}])
     blocks = many("AB", 8, 1, 0.25)
     run = DaemonRun(tmp_path, blocks, simulate=str(sim.path))
-    run.start()
+    run.start(mode)
     try:
         wait_for(lambda: any(a.gpu == "1" for a in run.attempts()), 20, "a task on GPU 1")
         sim.write([{"memory_gb": 24}, {"memory_gb": 24, "fail": "processes"}])
         wait_for(lambda: daemon_sees(run, 1, available=True, error="process list unavailable (simulated)"), 10,
                  "the daemon to see GPU 1's process list fail")
         seen = time.time()
-        wait_for(lambda: sum(a.gpu == "1" and a.start > seen for a in run.attempts()) >= 2, 30,
-                 "tasks to keep starting on GPU 1 without a process list")
+        if mode == "--shared":
+            wait_for(lambda: sum(a.gpu == "1" and a.start > seen for a in run.attempts()) >= 2, 30,
+                     "tasks to keep starting on GPU 1 without a process list")
+        else:
+            wait_for(lambda: sum(a.gpu == "0" and a.start > seen for a in run.attempts()) >= 3, 30,
+                     "tasks to go on on GPU 0")
+            assert not [a for a in run.attempts() if a.gpu == "1" and a.start > seen + 0.5], \
+                "a task was put on a GPU whose processes could not be seen"
+            sim.write([{"memory_gb": 24}, {"memory_gb": 24}])
+            back = time.time()
+            wait_for(lambda: any(a.gpu == "1" and a.start > back for a in run.attempts()), 30,
+                     "GPU 1 to be used again once its processes can be seen")
         code, _, err = run.wait(timeout=60)
     finally:
         stop_if_running(run)
@@ -192,7 +204,8 @@ def test_failing_process_list_mid_run_keeps_scheduling_on_that_gpu(tmp_path):
     attempts = run.attempts()
     assert_each_succeeded_once(attempts, list(run.names.values()))
     assert_queue_order(attempts, queues_of(run, blocks))
-    assert_exclusive(attempts)
+    if mode == "--exclusive":
+        assert_exclusive(attempts)
 
 
 # --- in-process daemons ------------------------------------------------------------------------
@@ -291,7 +304,8 @@ def test_tick_survives_nvml_faults_and_reports_each_gpu_until_it_answers_again(i
         assert availability(d) == [True, False, True]
         assert snaps[1].error == "GPU is lost"
         assert snaps[2].free_bytes is None and snaps[2].utilization is None and snaps[2].error is None
-        assert snaps[0].error == "process list unavailable" and snaps[0].free_bytes is not None
+        assert snaps[0].error == "process list unavailable: Not Supported" and snaps[0].free_bytes is not None
+        assert snaps[0].processes_known is False
         view = json.loads((d.state / "status.json").read_text())
         assert [g["available"] for g in view["gpus"]] == [True, False, True]
         assert view["gpus"][1]["error"] == "GPU is lost"
@@ -542,10 +556,10 @@ def test_a_relaunched_task_never_signals_the_previous_attempts_process_group(in_
         d.daemon.resume()
         parent, write = os.getpid(), Registry._write
 
-        def children_cannot_write(self, data):
+        def children_cannot_write(self, data, *rest):
             if os.getpid() != parent:
                 enospc()
-            return write(self, data)
+            return write(self, data, *rest)
 
         with monkeypatch.context() as m:
             m.setattr(Registry, "_write", children_cannot_write)
@@ -866,3 +880,29 @@ def test_every_file_the_daemon_creates_is_private_even_with_umask_0(tmp_path):
     wrong = {n: oct(m) for n, m in modes.items()
              if m != (0o700 if (run.state / n).is_dir() else 0o600)}
     assert wrong == {}, f"files or directories not private: {wrong}"
+
+
+def test_in_a_container_nvml_host_pids_are_said_once_and_leases_end_at_settle(in_process):
+    """NVML lists pids from another namespace (a container without --pid=host): our task never
+    shows as itself. The daemon says so once, naming --pid=host; the lease ends at --settle; no
+    owner is guessed from those pids."""
+    fake = FakeNvml(three_fake_gpus())
+    host_pid = 4_190_000  # above this machine's pids: means nothing here, like a host pid would
+    for gpu in fake.gpus:
+        gpu.processes = [(host_pid, 2 * 2**30)]
+    probe = NvmlProbe(pynvml_module=fake.module, environ={})
+    d = in_process([spec("1", 1, "sleep 30")], probe, settle=0.3)
+    d.daemon.acquire()
+    d.daemon.resume()
+    task = d.task("sleep 30")
+    d.daemon.tick()
+    assert task.state is TaskState.RUNNING
+    with structlog.testing.capture_logs() as logs:
+        d.tick_until(lambda: d.daemon.foreign_pids, 10, "the namespace mismatch to be noticed")
+        for _ in range(5):
+            d.daemon.tick()
+    said = [e["event"] for e in logs if "--pid=host" in e["event"]]
+    assert len(said) == 1, logs
+    assert not task.confirmed  # never seen as itself...
+    assert not lease_active(task, time.monotonic(), d.config.settle)  # ...and no longer holds its GPU
+    assert all(p.user == "unknown" for s in d.daemon.snapshots for p in s.processes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -15,6 +16,9 @@ from gpu_compete.launcher import LaunchPaths, build_script, task_environment
 from gpu_compete.tasks import TaskSpec
 
 from .helpers import console_script
+from .nvml_fake import fakes
+
+__all__ = ["fakes"]
 
 
 def test_gpus_table_shows_memory_processes_and_exclusive_availability(tmp_path):
@@ -82,3 +86,29 @@ def test_python_dash_m_runs_the_same_cli():
 
     done = subprocess.run([sys.executable, "-m", "gpu_compete", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("gpu-compete, version")
+
+
+def test_gpus_lists_mig_devices_and_an_unreadable_process_list(fakes, monkeypatch):
+    """Over NVML (the fake driver under the real bindings): a MIG GPU shows one row per MIG device
+    with its UUID, and a GPU whose process list can't be read says so and is not free for you."""
+    from .nvml_fake import NO_PERMISSION, FakeGpu
+    from .test_nvml_mig import SLICE_UUIDS, mig_a100
+
+    fake = fakes([mig_a100(), FakeGpu("GPU-h100h100-0000-4000-8000-000000000000")])
+    fake.gpus[1].fail["processes:compute"] = NO_PERMISSION
+    monkeypatch.setitem(sys.modules, "pynvml", fake.module)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("GPU_COMPETE_GPUS", raising=False)
+    result = CliRunner().invoke(main, ["gpus"])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line[:1].isdigit()]
+    assert [r.split()[0] for r in rows] == ["0:0", "0:1", "0:2", "1"]
+    assert SLICE_UUIDS[0] in rows[0] and "20.0/20.0" in rows[0] and rows[0].rstrip().endswith("yes")
+    assert "(unreadable: Insufficient Permissions)" in rows[3]
+    assert rows[3].rstrip().endswith("no")
+
+    result = CliRunner().invoke(main, ["gpus", "--json", "--gpus", SLICE_UUIDS[1] + ",1"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{"):])
+    assert [(g["key"], g["cuda_visible"], g["processes_known"], g["free_for_me_exclusive"]) for g in data["gpus"]] == [
+        ("0:1", SLICE_UUIDS[1], True, True), ("1", "1", False, False)]

@@ -73,6 +73,22 @@ def test_vram_fit_is_inclusive_and_unknown_memory_takes_only_zero_vram_tasks():
     assert not fits(gpu(0, 80, available=False), 1, False)
 
 
+def test_an_unreadable_process_list_is_busy_in_exclusive_mode_and_its_memory_counts_in_shared():
+    """A snapshot whose process list could not be read is not free for an exclusive task, even
+    with nothing listed; a shared task still goes there by its free memory."""
+    blind = GpuSnapshot(0, "GPU-0", "A", 80 * GIB, 10 * GIB, 70 * GIB, processes_known=False,
+                        error="process list unavailable: Insufficient Permissions")
+    seen = GpuSnapshot(1, "GPU-1", "A", 80 * GIB, 70 * GIB, 10 * GIB)
+    views = build_views([blind, seen], [], "me")
+    assert [v.processes_known for v in views] == [False, True] and not views[0].user_busy
+    assert not fits(views[0], GIB, exclusive=True) and fits(views[1], GIB, exclusive=True)
+    assert fits(views[0], 70 * GIB, exclusive=False) and not fits(views[0], 71 * GIB, exclusive=False)
+    cands = [Candidate("a", "1", GIB, 1), Candidate("b", "2", GIB, 1)]
+    assert [launch.gpu for launch in plan_round(cands, views, random.Random(0), exclusive=True)] == ["1"]
+    shared = plan_round(cands, views, random.Random(0), exclusive=False)
+    assert sorted(launch.gpu for launch in shared) == ["0", "0"]  # the most free memory, both times
+
+
 @pytest.mark.parametrize("flag", [{"user_busy": True}, {"leased": True}, {"own_tasks": 1}])
 def test_exclusive_mode_skips_gpus_with_our_processes_leases_or_tasks(flag):
     """In exclusive mode a GPU with our process, a lease or one of our tasks is never chosen."""

@@ -72,9 +72,12 @@ def test_a_task_process_shows_up_after_the_startup_delay_and_goes_away_when_it_e
 
 def test_a_shell_and_its_child_count_once(children):
     """Only the topmost process of a tree with the variables counts, so memory is not doubled."""
-    probe = SimulatedProbe(parse_spec("1x24"))
+    # A namespace of its own, so tasks of daemons that other tests run meanwhile don't count.
+    namespace = f"test-shell-and-child-{os.getpid()}"
+    probe = SimulatedProbe(parse_spec("1x24"), namespace=namespace)
     shell = subprocess.Popen(["bash", "-c", "sleep 60 & wait"],
-                             env=dict(os.environ, CUDA_VISIBLE_DEVICES="0", GPU_COMPETE_VRAM_GB="6"),
+                             env=dict(os.environ, CUDA_VISIBLE_DEVICES="0", GPU_COMPETE_VRAM_GB="6",
+                                      GPU_COMPETE_NAMESPACE=namespace),
                              start_new_session=True)
     children.append(shell)
     wait_for(lambda: shell.pid in pids_on(probe, 0), timeout=10, what="the shell on GPU 0")

@@ -128,6 +128,7 @@ class SimulatedProbe:
         # (pid, start ticks) -> (gpu index, bytes, create time) or None; a process's initial
         # environment never changes, so each process is read once.
         self._seen: dict[tuple[int, int], tuple[tuple[int, ...], int, float] | None] = {}
+        self._ignored: set[int] = set()  # pids of processes that are no task of ours
         # Processes that exited, still listed until `linger_s` passes: (pid, ct) -> (gpu, bytes, ppid, gone_at)
         # Keyed by ((pid, create time), gpu): a gpus=N task's process is listed on each GPU.
         self._lingering: dict[tuple[tuple[int, float], int], tuple[int, int, int, float]] = {}
@@ -158,7 +159,15 @@ class SimulatedProbe:
         listed: dict[tuple[tuple[int, float], int], tuple[int, int, int]] = {}
         alive = set()
         uid = os.getuid()
-        for pid, ppid, state, start in _proc_table():
+        pids = _pids()
+        # Only new processes and those placed on a GPU are read: a process already known to be
+        # someone else's (or no task) stays so until its pid leaves /proc.
+        self._ignored &= pids
+        for pid in pids - self._ignored:
+            row = _stat(pid)
+            if row is None:
+                continue
+            ppid, state, start = row
             if state == "Z":
                 continue
             key = (pid, start)
@@ -168,6 +177,8 @@ class SimulatedProbe:
                 if claim is None and created is not None and now - created < _EXEC_GRACE_S:
                     continue  # maybe forked and not yet exec'd (its parent's environment): look again
                 self._seen[key] = claim
+                if claim is None:
+                    self._ignored.add(pid)
             claim = self._seen[key]
             if claim is None:
                 continue
@@ -177,7 +188,7 @@ class SimulatedProbe:
             for gpu in gpus:  # a gpus=N task holds its VRAM on each of its GPUs
                 found.setdefault(gpu, {})[pid] = (ppid, used)
                 listed[(key, gpu)] = (gpu, used, ppid)
-        self._seen = {k: v for k, v in self._seen.items() if k in alive}
+        self._seen = {k: v for k, v in self._seen.items() if k in alive or k[0] in self._ignored}
         if self.config.linger_s > 0:
             for key, (gpu, used, ppid) in self._listed.items():
                 if key[0] not in alive and key not in self._lingering:
@@ -231,25 +242,24 @@ class SimulatedProbe:
         pass
 
 
-def _proc_table() -> list[tuple[int, int, str, int]]:
-    """(pid, ppid, state, start ticks) of every process, from /proc/<pid>/stat alone: the
-    simulation reads the table every round, and psutil's several files per process made the
-    probe itself the slowest part of a round on a busy machine."""
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()
-        try:
-            out.append((int(name), int(fields[1]), fields[0].decode(), int(fields[19])))
-        except (IndexError, ValueError):
-            continue
-    return out
+def _pids() -> set[int]:
+    return {int(name) for name in os.listdir("/proc") if name.isdigit()}
+
+
+def _stat(pid: int) -> tuple[int, str, int] | None:
+    """(ppid, state, start ticks) from /proc/<pid>/stat alone: the simulation reads processes
+    every round, and psutil's several files per process made the simulated probe the slowest
+    part of a round on a busy machine."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2:].split()
+    try:
+        return int(fields[1]), fields[0].decode(), int(fields[19])
+    except (IndexError, ValueError):
+        return None
 
 
 def _claim_pid(pid: int, uid: int, namespace: str | None) -> tuple[tuple[tuple[int, ...], int, float] | None,
