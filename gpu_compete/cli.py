@@ -155,6 +155,9 @@ def main() -> None:
     gpu-compete check --commands command.txt    parse and show, run nothing
     gpu-compete status                          what a running daemon is doing
     gpu-compete gpus --simulate 4x24            what the scheduler sees
+    gpu-compete watch                           a live full-screen view
+    gpu-compete logs UNI_ID -f                  follow a task's log
+    gpu-compete report --svg run.svg            what happened, and a timeline
     """
     _warnings_to_stderr()
 
@@ -461,11 +464,21 @@ def _env(name: str) -> str:
               help="Start no task while the work directory's filesystem has less free space than this.")
 @click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto", show_default=True,
               envvar=_env("LOG_FORMAT"), help="Logs go to stderr: readable, or one JSON object a line.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), envvar=_env("METRICS_PORT"),
+              help="Serve Prometheus metrics on http://HOST:PORT/metrics while the daemon runs.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, envvar=_env("METRICS_HOST"),
+              help="Address the metrics server listens on.")
+@click.option("--on-event", metavar="CMD", envvar=_env("ON_EVENT"),
+              help="Shell command run (never waited for) on task_start, task_end, task_failed, gave_up, all_done, "
+                   "with GPU_COMPETE_EVENT, _UNI_ID, _QUEUE, _GPU, _STATE, _ERROR_TYPE, _EXIT_STATUS set.")
+@click.option("--hook-timeout", default=30.0, type=SECONDS, show_default=True, envvar=_env("HOOK_TIMEOUT"),
+              help="Kill an --on-event command still running after this many seconds.")
 def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, state_dir: str,
         registry_file: str | None, poll: float, settle: float, retry_burst: int, backoff: float,
         max_retries: int | None, status_every: float, seed: int | None, pick: str, dry_run: bool,
         simulate: str | None, fresh: bool, timeout: float | None, retry_permanent: bool, oom_growth: float,
-        min_free_ram: float | None, min_free_disk: float | None, log_format: str) -> None:
+        min_free_ram: float | None, min_free_disk: float | None, log_format: str, metrics_port: int | None,
+        metrics_host: str, on_event: str | None, hook_timeout: float) -> None:
     """Run the command file's queues until every task has completed (or failed for good).
 
     Exit status: 0 all completed, 1 some failed for good, 2 bad input, 130 stopped first.
@@ -489,8 +502,9 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
     config = Config(work_dir=work, state_dir=state, registry=_registry_path(registry_file, state).resolve(),
                     exclusive=exclusive, poll=poll, settle=settle,
                     retry=RetryPolicy(retry_burst, backoff, max_retries), status_every=status_every,
-                    seed=seed, pick=pick, fresh=fresh, timeout_s=timeout, retry_permanent=retry_permanent,
-                    oom_growth=oom_growth, guard=HostGuard(min_free_ram, min_free_disk))
+                    seed=seed, pick=pick, fresh=fresh, on_event=on_event or None, hook_timeout=hook_timeout,
+                    timeout_s=timeout, retry_permanent=retry_permanent, oom_growth=oom_growth,
+                    guard=HostGuard(min_free_ram, min_free_disk))
     probe = _open_probe(simulate, gpu_scope, namespace=str(state))
     try:
         daemon = Daemon(config, parsed.tasks, probe)
@@ -504,13 +518,28 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
             daemon.acquire()
         except DaemonError as exc:
             _fail(str(exc))
+        server = None
         try:
+            if metrics_port is not None:
+                from . import metrics
+
+                try:
+                    server = metrics.Server(metrics.bind(metrics_host, metrics_port), state)
+                except metrics.MetricsError as exc:
+                    _fail(str(exc))
+                import structlog
+
+                host, port = server.address
+                host = f"[{host}]" if ":" in host else host
+                structlog.get_logger("gpu_compete").info("serving metrics", url=f"http://{host}:{port}/metrics")
             try:
                 daemon.resume()
             except DaemonError as exc:
                 _fail(str(exc))
             code = daemon.run()
         finally:
+            if server is not None:
+                server.stop()
             daemon.release()
     finally:
         probe.close()
@@ -538,6 +567,8 @@ def entry() -> None:
         error_line(exc.format_message())
         sys.exit(exc.exit_code)
 
+
+from . import cli_view  # noqa: E402,F401  (registers report, logs, watch, completion)
 
 if __name__ == "__main__":  # pragma: no cover
     entry()

@@ -26,8 +26,10 @@ from . import evidence, hostguard, journal, launcher, pidfile, procs, status, st
 from .classify import is_permanent
 from .gpus.base import (PID_NAMESPACE_WARNING, GpuProbe, GpuSnapshot, current_user, key_from_record,
                         key_to_record, pid_namespace_mismatch, without_owners)
+from .hooks import Hooks
 from .ledger import Ledger
-from .policy import (Placement, RetryPolicy, build_views, candidates, lease_active, plan_round,
+from .observe import Observer
+from .policy import (Placement, RetryPolicy, build_views, candidates, fits, lease_active, plan_round,
                      queue_status, why_unplaceable)
 from .registry import Registry, RegistryError, private_dirs
 from .tasks import GIB, Queue, Task, TaskSpec, TaskState, group_queues
@@ -63,6 +65,8 @@ class Config:
     pick: str = "longest"
     fresh: bool = False
     kill_grace: float = 10.0
+    on_event: str | None = None  # shell command run (not waited for) on task_start, task_end, ...
+    hook_timeout: float = 30.0
     timeout_s: float | None = None  # --timeout: the limit of a task without timeout=
     retry_permanent: bool = False  # --retry-permanent: retry not_found/syntax/import errors too
     oom_growth: float = 1.25  # after an oom: the next attempt needs last peak x this
@@ -113,6 +117,8 @@ class Daemon:
         self.draining = self.force = self.status_requested = False
         self.next_status = 0.0
         self._pidfile_fd: int | None = None
+        hooks = Hooks(config.on_event, config.hook_timeout, config.state_dir / "hooks.log") if config.on_event else None
+        self.observer = Observer(config.history, hooks, clock, wall)
 
     # --- start-up --------------------------------------------------------------------------
 
@@ -383,8 +389,10 @@ class Daemon:
             data[uid] = record
 
         self.ledger.write(change)
+        known = self.known.get(uid, {})
         entry = {"uni_id": uid, "state": "abnormal_exit", "error_type": error_type, "queue": task.spec.queue,
-                 "gpu": key_to_record(task.gpu), "attempt": decision.retry_count, "end": _iso(self.wall()), **usage}
+                 "gpu": key_to_record(task.gpu), "attempt": decision.retry_count, "start": known.get("started_at"),
+                 "exit_status": known.get("exit_status"), "end": known.get("ended_at") or _iso(self.wall()), **usage}
         if "vram_gb_needed" in fields:
             entry["vram_gb_needed"] = fields["vram_gb_needed"]
         if fields.get("gave_up"):
@@ -455,6 +463,8 @@ class Daemon:
             return
         views = build_views(self.snapshots, self.placements(now), self.user, ignored=self.ghosts,
                             topology={s.key: s.group for s in self.snapshots if s.group is not None})
+        smallest = min(c.vram_bytes for c in cands)
+        self.observer.planning(v.key for v in views if fits(v, smallest, self.config.exclusive))
         snaps = {s.key: s for s in self.snapshots}
         plan = plan_round(cands, views, self.rng, self.config.exclusive, self.config.pick)
         if plan:
@@ -574,9 +584,14 @@ class Daemon:
             records = {}
         return status.build(self, now, records)
 
-    def _write_status(self) -> None:
+    def _write_status(self, ending: int | None = None) -> None:
+        view = self.view()
+        if ending is None:
+            self.observer.round(view)  # events for hooks, the idle counter; once a round
+        else:
+            self.observer.close(view, ending)
         try:
-            status.write_json(self.config.state_dir / "status.json", self.view())
+            status.write_json(self.config.state_dir / "status.json", view)
         except OSError as exc:
             self.ledger.report("status.json", "cannot write status.json", exc)
         else:
@@ -630,7 +645,7 @@ class Daemon:
                         break
                     self.loop.sleep_until(start + self.config.poll)
             finally:
-                self._write_status()
+                self._write_status(ending=self.exit_code())  # all_done, and running hooks finish
         self.out(status.render(self.view()))
         code = self.exit_code()
         if code == EXIT_STOPPED:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import atomic, procs
-from .policy import GpuView, after_state, fits, head, lease_active, queue_status
+from .policy import GpuView, Placement, after_state, build_views, candidates, fits, head, lease_active, queue_status
 from .tasks import GIB, TaskState
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,50 +33,126 @@ def records_view(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    wall = daemon.wall()
+    exclusive = daemon.config.exclusive
+    running = [t for t in daemon.tasks.values() if t.state is TaskState.RUNNING]
+    placements = [Placement(key, t.need_bytes, lease_active(t, now, daemon.config.settle))
+                  for t in running for key in t.gpu_keys]  # as daemon.placements(), without a second scan
+    views = build_views(daemon.snapshots, placements, daemon.user, ignored=daemon.ghosts)
+    waits = Waits(views, exclusive, daemon.draining or daemon.force)
+    due = {c.uni_id for c in candidates(daemon.queues, now)}
     totals = dict.fromkeys(("pending", "running", "retrying", "backing_off", "completed", "failed", "blocked"), 0)
-    queues = []
+    queues, backing_off = [], []
     for name, queue in daemon.queues.items():
         qstatus = queue_status(queue, daemon.queues)
+        counts = dict.fromkeys(totals, 0)
         for task in queue:
             if task.state is TaskState.PENDING:
-                totals["blocked" if qstatus == "BLOCKED" else "pending"] += 1
+                counts["blocked" if qstatus == "BLOCKED" else "pending"] += 1
             elif task.state is TaskState.RETRY:
-                totals["backing_off" if task.retry_at > now + 1e-9 else "retrying"] += 1
+                counts["backing_off" if task.retry_at > now + 1e-9 else "retrying"] += 1
             else:
-                totals[task.state.value] += 1
+                counts[task.state.value] += 1
+        for state, n in counts.items():
+            totals[state] += n
         current = head(queue)
-        queues.append({
+        on_gpu = current is not None and current.state is TaskState.RUNNING
+        retry_in = _retry_in(current, now)
+        entry = {
             "queue": name, "status": qstatus, "done": sum(t.state is TaskState.COMPLETED for t in queue),
             "total": len(queue), "current": current.uni_id if current else None,
             "current_state": current.state.value if current else None,
-            "gpu": current.gpu if current and current.state is TaskState.RUNNING else None,
-            "gpus": list(current.gpus) if current and current.gpus and current.state is TaskState.RUNNING else None,
+            "gpu": current.gpu if on_gpu else None, "retry_in_s": retry_in,
+            "gpus": list(current.gpus) if on_gpu and current.gpus else None,
             **_vram(current),
-            "retry_in_s": _retry_in(current, now),
             "error_type": current.error_type if current else None,
             "why": _why_waiting(daemon, current, qstatus),
-        })
-    running = [t for t in daemon.tasks.values() if t.state is TaskState.RUNNING]
+            "attempt": current.retry_count + 1 if current else None,
+            "adopted": bool(current and current.adopted),
+            "elapsed_s": _elapsed(current, records, now, wall) if on_gpu else None,
+            "counts": {k: n for k, n in counts.items() if n},  # only states it has: status.json stays small
+        }
+        if current is not None and not on_gpu and current.state is not TaskState.FAILED:
+            if current.uni_id not in due and retry_in is not None:
+                entry["why"] = entry["why"] or f"backing off after {current.error_type or 'a failure'}"
+                backing_off.append({"uni_id": current.uni_id, "queue": name, "retry_in_s": retry_in,
+                                    "retry_count": current.retry_count, "error_type": current.error_type})
+            elif current.uni_id in due and (entry["why"] is None or entry["why"].startswith("waiting for a GPU")):
+                # The planner's own reasons ("needs N GB; the largest GPU has M", "stopped; ...")
+                # stay; its generic one gives way to what is short now.
+                entry["why"] = waits.why(current.need_bytes)
+        queues.append(entry)
+    waiting_vram = [daemon.tasks[u].need_bytes for u in due if daemon.tasks[u].state is not TaskState.RUNNING]
     gpus = []
     for snap in daemon.snapshots:
         here = [t for t in running if snap.key in t.gpu_keys]
+        mine = snap.user_processes(daemon.user)
+        others = [p for p in snap.processes if p.user != daemon.user]
         gpus.append({
             "index": snap.index, "key": snap.key, "name": snap.name, "available": snap.available, "error": snap.error,
-            "free_bytes": snap.free_bytes, "total_bytes": snap.total_bytes,
-            "user_pids": [p.pid for p in snap.user_processes(daemon.user)],
+            "free_bytes": snap.free_bytes, "total_bytes": snap.total_bytes, "utilization": snap.utilization,
+            "ours_bytes": sum(p.used_bytes or 0 for p in mine),
+            "others_bytes": sum(p.used_bytes or 0 for p in others),
+            "others": [{"pid": p.pid, "user": p.user, "used_bytes": p.used_bytes} for p in others[:8]],
+            "user_pids": [p.pid for p in mine],
             "running": [t.uni_id for t in here],
             "leased": [t.uni_id for t in here if lease_active(t, now, daemon.config.settle)],
         })
-    return {
-        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(daemon.wall())),
+    view = {
+        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(wall)), "updated_epoch": round(wall, 3),
         "daemon": {"pid": os.getpid(), "draining": daemon.draining,
-                   "mode": "exclusive" if daemon.config.exclusive else "shared"},
+                   "mode": "exclusive" if exclusive else "shared"},
         "host_guard": None if daemon.guard.why is None else {"why": daemon.guard.why, "since": daemon.guard.since},
-        "totals": totals, "queues": queues, "gpus": gpus,
+        "totals": totals, "queues": queues, "gpus": gpus, "backing_off": backing_off,
+        "gpus_free_for_waiting": waits.able(waiting_vram),
         "registry": records_view({u: r for u, r in records.items() if u in daemon.tasks}),
         "other_records": sum(1 for u in records if u not in daemon.tasks),
         "task_ids": sorted(daemon.tasks),
     }
+    observer = getattr(daemon, "observer", None)
+    return observer.annotate(view) if observer is not None else view
+
+
+def _elapsed(task: Any, records: dict[str, dict[str, Any]], now: float, wall: float) -> float | None:
+    """Seconds since the running attempt started: the registry's start time (right for an
+    adopted task too), else our launch time."""
+    from .report import parse_time
+
+    started = parse_time((records.get(task.uni_id) or {}).get("started_at"))
+    if started is not None:
+        return round(max(0.0, wall - started), 1)
+    return None if task.launched_at is None else round(max(0.0, now - task.launched_at), 1)
+
+
+class Waits:
+    """Why a head that may start waits, in O(GPUs) once plus O(1) a head."""
+
+    def __init__(self, views: list[GpuView], exclusive: bool, draining: bool):
+        self.views, self.exclusive, self.draining = views, exclusive, draining
+        usable = [v for v in views if v.available]
+        self.any_gpu = bool(usable)
+        self.most_free = max((v.free_bytes for v in usable if v.free_bytes is not None), default=None)
+        own = [v for v in usable if fits(v, 0, exclusive)]
+        self.most_free_own = max((v.free_bytes for v in own if v.free_bytes is not None), default=None)
+
+    def why(self, vram_bytes: int) -> str:
+        if self.draining:
+            return "draining: nothing new starts"
+        if not self.any_gpu:
+            return "no GPU available"
+        need = f"{vram_bytes / GIB:g} GB"
+        if self.most_free is None or vram_bytes > self.most_free:
+            return f"needs {need} (most free: {gb(self.most_free)} GB)"
+        if self.most_free_own is None or vram_bytes > self.most_free_own:
+            return f"needs {need} on a GPU running nothing (exclusive)" if self.exclusive else f"needs {need}"
+        return "starts next round"
+
+    def able(self, waiting_vram: list[int]) -> list[str]:
+        """GPUs that could take one of the waiting heads now."""
+        if self.draining or not waiting_vram:
+            return []
+        smallest = min(waiting_vram)
+        return [v.key for v in self.views if fits(v, smallest, self.exclusive)]
 
 
 def _vram(task: Any) -> dict[str, Any]:
