@@ -368,7 +368,8 @@ class Daemon:
             task.state = TaskState.FAILED
             fields["gave_up"] = True
             log.error(f"task failed for good at once: {error_type} would only repeat (--retry-permanent "
-                      "retries it); its queue is blocked", uni_id=task.uni_id, error_type=error_type, note=note)
+                      "retries it); its queue is blocked", uni_id=task.uni_id, error_type=error_type,
+                      **({"note": note} if note else {}))
         elif decision.action == "give_up":
             task.state = TaskState.FAILED
             fields["gave_up"] = True
