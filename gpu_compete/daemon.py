@@ -324,8 +324,10 @@ class Daemon:
         return successes
 
     def _task_ended(self, task: Task, now: float) -> None:
-        """Its processes may linger in NVML's list for a moment: not counted from now on."""
-        for pid in self.gpu_pids.pop(task.uni_id, ()):
+        """Its processes may linger in NVML's list for a moment: not counted from now on (those
+        seen on its GPU, and its supervisor and worker, for a task that ended before a round
+        could see it there)."""
+        for pid in self.gpu_pids.pop(task.uni_id, set()) | self._roots(task):
             self.ghosts[pid] = now + GHOST_S
         self.children.pop(task.uni_id, None)
 
@@ -389,7 +391,7 @@ class Daemon:
             record["updated_at"] = _iso(self.wall())
             data[uid] = record
 
-        self.ledger.write(change)
+        self.ledger.write(change, uid)
         known = self.known.get(uid, {})
         entry = {"uni_id": uid, "state": "abnormal_exit", "error_type": error_type, "queue": task.spec.queue,
                  "gpu": key_to_record(task.gpu), "attempt": decision.retry_count, "start": known.get("started_at"),
@@ -468,8 +470,8 @@ class Daemon:
         self.observer.planning(v.key for v in views if fits(v, smallest, self.config.exclusive))
         snaps = {s.key: s for s in self.snapshots}
         plan = plan_round(cands, views, self.rng, self.config.exclusive, self.config.pick)
-        if plan:
-            self.ledger.write_pending()  # a failure recorded this round lands before the retry starts
+        if any(launch.uni_id in self.ledger.touched for launch in plan):
+            self.ledger.write_pending()  # a failure recorded this round lands before its retry starts
         for launch in plan:
             self._launch(self.tasks[launch.uni_id], [snaps[key] for key in launch.gpus], now)
         self._explain_waits(cands, {launch.uni_id for launch in plan})
@@ -525,16 +527,18 @@ class Daemon:
         task.state, task.gpu, task.launched_at, task.confirmed, task.adopted = TaskState.RUNNING, gpu, now, False, False
         task.gpus = keys if len(keys) > 1 else ()
         task.peak_vram_bytes, task.peak_gpu, task.peak_written = None, None, 0
-        ct = procs.create_time(child.pid)
         fields: dict[str, Any] = {
             "state": "running", "retry_count": task.retry_count, "gpu": key_to_record(gpu),
             "queue": task.spec.queue, "attempt": attempt, "supervisor_pid": child.pid,
-            "supervisor_create_time": ct, "started_at": _iso(self.wall()), "updated_at": _iso(self.wall())}
+            "started_at": _iso(self.wall()), "updated_at": _iso(self.wall())}
         if task.gpus:
             fields["gpus"] = [key_to_record(k) for k in task.gpus]
         uid = task.uni_id
 
         def change(data: dict[str, Any]) -> None:
+            # Read when the round's registry write happens, after all its launches: the
+            # supervisor (our unreaped child) can't be another process by then.
+            ct = fields.setdefault("supervisor_create_time", procs.create_time(child.pid))
             old = data.get(uid) if isinstance(data.get(uid), dict) else {}
             if old.get("exec_pid") == child.pid:
                 # This attempt's supervisor wrote first (a fast task may even have ended): what

@@ -34,6 +34,7 @@ class Ledger:
         self._problems: dict[str, str] = {}  # what is failing now
         self.read_only = False  # a dry run decides as a real run would, and writes nothing
         self._batching = False
+        self.touched: set[str] = set()  # tasks a pending change is about (as the writer says)
 
     def write_pending(self) -> None:
         """Write what a batch holds so far, now. Before a launch: a change meant for a task's
@@ -61,12 +62,14 @@ class Ledger:
 
     # --- the registry -------------------------------------------------------------------
 
-    def write(self, change: Change) -> bool:
+    def write(self, change: Change, uni_id: str | None = None) -> bool:
         """Apply `change` to the registry (with every change still pending before it); inside
         `batch()`, at the batch's end."""
         if self.read_only:
             return True
         self._pending.append(change)
+        if uni_id is not None:
+            self.touched.add(uni_id)
         if self._batching:
             return True
 
@@ -80,6 +83,7 @@ class Ledger:
             self.report("registry", "cannot write the registry; running tasks go on", exc)
             return False
         self._pending.clear()
+        self.touched.clear()
         self.report("registry")
         return True
 

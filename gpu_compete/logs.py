@@ -61,16 +61,16 @@ def _warning_as_json(message, category, filename, lineno, file=None, line=None) 
 
 def error_line(message: str) -> None:
     """The one-line error a command exits with, in the chosen format."""
-    if json_mode():
-        structlog.get_logger("gpu_compete").error(message)
-    else:
-        sys.stderr.write(f"gpu-compete: {message}\n")
-        sys.stderr.flush()
+    _line("error", message, "gpu-compete: ")
 
 
 def warning_line(message: str) -> None:
+    _line("warning", message, "gpu-compete: warning: ")
+
+
+def _line(level: str, message: str, prefix: str) -> None:
     if json_mode():
-        structlog.get_logger("gpu_compete").warning(message)
+        getattr(structlog.get_logger("gpu_compete"), level)(message)
     else:
-        sys.stderr.write(f"gpu-compete: warning: {message}\n")
+        sys.stderr.write(f"{prefix}{message}\n")
         sys.stderr.flush()

@@ -141,8 +141,8 @@ def build_views(snapshots: Iterable[GpuSnapshot], placements: Iterable[Placement
         held = sum(p.vram_bytes for p in here if p.leased)
         free = None if snap.free_bytes is None else snap.free_bytes - held
         mine = snap.user_processes(user)
-        if ignored and mine:
-            ghosts = [p for p in mine if p.pid in ignored]
+        if ignored and snap.processes:
+            ghosts = [p for p in snap.processes if p.pid in ignored]
             if ghosts:
                 mine = tuple(p for p in mine if p.pid not in ignored)
                 free = _without_ghosts(snap, free, ghosts, ignored)

@@ -214,6 +214,9 @@ def test_processes_of_an_ended_task_are_not_counted():
     assert not after.user_busy and after.free_bytes == 24 * GIB
     other = build_views([snap], [], "me", ignored={8})[0]
     assert other == before
+    # An exited process's owner can't be read any more ("unknown"): it is a ghost all the same.
+    gone = GpuSnapshot(0, "u0", "g", 24 * GIB, 10 * GIB, 14 * GIB, processes=(GpuProcess(7, 10 * GIB, "unknown"),))
+    assert build_views([gone], [], "me", ignored={7})[0].free_bytes == 24 * GIB
     # NVML capped `used` at the total: a ghost's memory is given back only up to what the
     # other processes leave, never more.
     crowded = GpuSnapshot(0, "u0", "g", 24 * GIB, 24 * GIB, 0, processes=(

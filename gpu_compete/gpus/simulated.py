@@ -224,7 +224,9 @@ class SimulatedProbe:
                                        error="GPU is lost (simulated)"))
                 continue
             procs = [GpuProcess(pid, int(gb * GIB), user or owner_of(pid)) for pid, gb, user in gpu.processes]
-            procs += [GpuProcess(pid, used, self.user) for pid, used in tasks.get(index, [])]
+            # A process that exited but is still listed has no owner to read, as with NVML.
+            procs += [GpuProcess(pid, used, self.user if psutil.pid_exists(pid) else owner_of(pid))
+                      for pid, used in tasks.get(index, [])]
             total = int(gpu.memory_gb * GIB)
             used = min(total, sum(p.used_bytes or 0 for p in procs))
             error, known = None, True
