@@ -41,6 +41,25 @@ class Seconds(click.ParamType):
 
 
 SECONDS = Seconds()
+
+
+class Duration(click.ParamType):
+    """A duration as the command file writes it: 90s, 30m, 4h, 1h30m."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        from .options import parse_duration
+
+        try:
+            return parse_duration(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = Duration()
 MAX_SECONDS = 366 * 24 * 3600.0  # past this a clock or select() overflows; no one means it
 
 
@@ -164,7 +183,8 @@ def check(commands_file: str, work_dir: str, as_json: bool) -> None:
     if as_json:
         data = {"file": parsed.path, "queues": [
             {"queue": q, "tasks": [{"uni_id": t.uni_id, "position": t.position, "vram_gb": t.vram_gb, "line": t.line,
-                                    "commands": list(t.commands), "expanded": t.expanded(work)} for t in tasks]}
+                                    "options": t.options(), "commands": list(t.commands),
+                                    "expanded": t.expanded(work)} for t in tasks]}
             for q, tasks in queues.items()]}
         click.echo(json.dumps(data, indent=2))
         return
@@ -173,9 +193,25 @@ def check(commands_file: str, work_dir: str, as_json: bool) -> None:
     for q, tasks in queues.items():
         click.echo(f"\nqueue {q} ({len(tasks)} tasks, in order)")
         for t in tasks:
-            click.echo(f"  {t.position}. {t.uni_id}  vram {t.vram_gb:g} GB  (line {t.line})")
+            click.echo(f"  {t.position}. {t.uni_id}  vram {t.vram_gb:g} GB{_options_text(t)}  (line {t.line})")
             for command in t.expanded(work):
                 click.echo(f"       $ {command}")
+
+
+def _options_text(spec) -> str:
+    from .options import format_duration
+
+    parts = []
+    if spec.timeout_s is not None:
+        parts.append(f"timeout {format_duration(spec.timeout_s)}")
+    if spec.priority:
+        parts.append(f"priority {spec.priority}")
+    if spec.retries is not None:
+        parts.append(f"retries {spec.retries}")
+    if spec.after:
+        parts.append(f"after queue {'+'.join(spec.after)}")
+    each = f" on each of {spec.gpus} GPUs" if spec.gpus != 1 else ""
+    return each + "".join(f", {p}" for p in parts)
 
 
 # --- exec and registry -----------------------------------------------------------------------
@@ -185,10 +221,14 @@ def check(commands_file: str, work_dir: str, as_json: bool) -> None:
 @click.option("--registry", type=click.Path(dir_okay=False),
               help="Registry file [default: $GPU_COMPETE_REGISTRY, else ./script_process/uni_id.json].")
 @click.option("--log", "log_file", type=click.Path(dir_okay=False), help="Also append CMD's output here.")
+@click.option("--timeout", "timeout", type=DURATION,
+              help="Time limit (90s, 30m, 4h, 1h30m): SIGTERM to CMD's group, SIGKILL 10 s later; error_type timeout.")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec(uni_id: str, registry: str | None, log_file: str | None, cmd: tuple[str, ...]) -> None:  # noqa: A001
+def exec(uni_id: str, registry: str | None, log_file: str | None, timeout: float | None,  # noqa: A001
+         cmd: tuple[str, ...]) -> None:
     """Run CMD and record it in the registry: running, then normal_exit or abnormal_exit
-    with an error_type (oom, runtime_error, killed, unknown) read from its output.
+    with an error_type (oom, not_found, syntax_error, import_error, nccl_error, runtime_error,
+    killed, host_oom, timeout, unknown) read from its exit status and output.
 
     SIGINT, SIGTERM and SIGHUP are forwarded to CMD. Exits with CMD's status (128+N when
     signal N ended it). Use `--` before CMD: gpu-compete exec --uni-id exp1 -- python train.py
@@ -197,7 +237,7 @@ def exec(uni_id: str, registry: str | None, log_file: str | None, cmd: tuple[str
     from .supervisor import run
 
     uid = _uni_id(uni_id)
-    result = run(list(cmd), uid, Registry(_registry_path(registry)), log_file)
+    result = run(list(cmd), uid, Registry(_registry_path(registry)), log_file, timeout_s=timeout)
     sys.exit(result.returncode)
 
 
@@ -410,6 +450,19 @@ def _env(name: str) -> str:
 @click.option("--simulate", metavar="SPEC", envvar=_env("SIMULATE"),
               help="Simulated GPUs: NxGB (4x24), NxGB,delay=S, or a JSON file.")
 @click.option("--fresh", is_flag=True, envvar=_env("FRESH"), help="Ignore the history: run completed tasks again.")
+@click.option("--timeout", "timeout", type=DURATION, envvar=_env("TIMEOUT"),
+              help="Time limit of a task without timeout= on its queue line (90s, 30m, 4h, 1h30m): SIGTERM to "
+                   "its process group, SIGKILL 10 s later; it fails as `timeout`. Default: none.")
+@click.option("--retry-permanent", is_flag=True, envvar=_env("RETRY_PERMANENT"),
+              help="Retry not_found, syntax_error and import_error failures like any other (by default such a "
+                   "task fails for good at once).")
+@click.option("--oom-growth", default=1.25, type=click.FloatRange(min=1.0, max=100.0), show_default=True,
+              envvar=_env("OOM_GROWTH"),
+              help="After an oom the next attempt needs max(declared, last peak VRAM x this) GB.")
+@click.option("--min-free-ram", type=click.FloatRange(min=0), envvar=_env("MIN_FREE_RAM"), metavar="GB",
+              help="Start no task while the host has less available RAM than this.")
+@click.option("--min-free-disk", type=click.FloatRange(min=0), envvar=_env("MIN_FREE_DISK"), metavar="GB",
+              help="Start no task while the work directory's filesystem has less free space than this.")
 @click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto", show_default=True,
               envvar=_env("LOG_FORMAT"), help="Logs go to stderr: readable, or one JSON object a line.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), envvar=_env("METRICS_PORT"),
@@ -426,8 +479,9 @@ def _env(name: str) -> str:
 def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, state_dir: str,
         registry_file: str | None, poll: float, settle: float, retry_burst: int, backoff: float,
         max_retries: int | None, status_every: float, seed: int | None, pick: str, dry_run: bool,
-        simulate: str | None, fresh: bool, log_format: str, metrics_port: int | None, metrics_host: str,
-        on_event: str | None, hook_timeout: float, follow: bool) -> None:
+        simulate: str | None, fresh: bool, timeout: float | None, retry_permanent: bool, oom_growth: float,
+        min_free_ram: float | None, min_free_disk: float | None, log_format: str, metrics_port: int | None,
+        metrics_host: str, on_event: str | None, hook_timeout: float, follow: bool) -> None:
     """Run the command file's queues until every task has completed (or failed for good).
 
     Exit status: 0 all completed, 1 some failed for good, 2 bad input, 130 stopped first.
@@ -438,6 +492,7 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
     """
     from .commandbook import CommandBook
     from .daemon import Config, Daemon, DaemonError
+    from .hostguard import HostGuard
     from .logs import configure
     from .policy import RetryPolicy
 
@@ -452,7 +507,9 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
     config = Config(work_dir=work, state_dir=state, registry=_registry_path(registry_file, state).resolve(),
                     exclusive=exclusive, poll=poll, settle=settle,
                     retry=RetryPolicy(retry_burst, backoff, max_retries), status_every=status_every,
-                    seed=seed, pick=pick, fresh=fresh, on_event=on_event or None, hook_timeout=hook_timeout)
+                    seed=seed, pick=pick, fresh=fresh, on_event=on_event or None, hook_timeout=hook_timeout,
+                    timeout_s=timeout, retry_permanent=retry_permanent, oom_growth=oom_growth,
+                    guard=HostGuard(min_free_ram, min_free_disk))
     probe = _open_probe(simulate, gpu_scope, namespace=str(state))
     try:
         book = CommandBook(Path(commands_file).resolve(), parsed)

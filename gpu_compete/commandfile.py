@@ -1,9 +1,9 @@
 """Command file text -> TaskSpec list.
 
 Format: `#` comment lines; blank lines separate task blocks; a block is one or more command
-lines and then one `QUEUE_ID,VRAM_GB` line. A line ending in a backslash continues on the
-next one. Every error names the file and the line, and nothing is half-parsed: either the
-whole file is good or `CommandFileError` is raised.
+lines and then one `QUEUE_ID,VRAM_GB[,key=value...]` line (options: see `options`). A line
+ending in a backslash continues on the next one. Every error names the file and the line, and
+nothing is half-parsed: either the whole file is good or `CommandFileError` is raised.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import options
 from .tasks import GIB, TaskSpec, is_safe_id, shell_style_placeholders, suspicious_placeholders
 
-# A line shaped like a queue line: one comma, no spaces inside the queue id.
-_QUEUE_SHAPE = re.compile(r"^\s*(?P<queue>[^,\s]+)\s*,\s*(?P<vram>[^,\s]+)\s*$")
+# A line shaped like a queue line: QUEUE,VRAM with no spaces inside either, then options.
+_QUEUE_SHAPE = re.compile(r"^\s*(?P<queue>[^,\s]+)\s*,\s*(?P<vram>[^,\s]+)\s*(?:,(?P<opts>.*))?$")
 
 
 class CommandFileError(Exception):
@@ -71,12 +72,13 @@ def parse(text: str, path: str = "<commands>") -> ParsedFile:
     positions: dict[str, int] = {}
     seen: dict[tuple[str, tuple[str, ...]], int] = {}  # identical blocks of a queue: occurrence numbers
     for block in blocks:
-        queue, vram, commands = _parse_block(block, path)
+        queue, vram, commands, opts = _parse_block(block, path)
         positions[queue] = positions.get(queue, 0) + 1
         cmds = tuple(c for _, c in commands)
         seen[queue, cmds] = seen.get((queue, cmds), 0) + 1
         tasks.append(TaskSpec(queue=queue, position=positions[queue], commands=cmds,
-                              vram_gb=vram, line=commands[0][0], occurrence=seen[queue, cmds]))
+                              vram_gb=vram, line=commands[0][0], occurrence=seen[queue, cmds],
+                              queue_line=block[-1][0], **opts))
         for line_no, command in commands:
             for found, meant in suspicious_placeholders(command):
                 warnings.append(Warning_(line_no, f"{{{found}}} is not a placeholder; did you mean {{{meant}}}?"))
@@ -85,7 +87,23 @@ def parse(text: str, path: str = "<commands>") -> ParsedFile:
                                                   f"write {{{name}}} for gpu-compete's placeholder"))
     if not tasks:
         raise CommandFileError(path, None, "no tasks: expected blocks of commands each ending in a QUEUE_ID,VRAM_GB line")
+    _check_after(tasks, path)
     return ParsedFile(path=path, tasks=tasks, warnings=warnings)
+
+
+def _check_after(tasks: list[TaskSpec], path: str) -> None:
+    """Unknown queues and cycles in `after=`, found before anything runs."""
+    waits: dict[str, set[str]] = {}
+    for t in tasks:
+        if t.after:
+            waits.setdefault(t.queue, set()).update(t.after)
+    if not waits:
+        return
+    problem = options.after_problems(waits, {t.queue for t in tasks})
+    if problem:
+        queue, dep, message = problem
+        line = next(t.queue_line for t in tasks if t.queue == queue and dep in t.after)
+        raise CommandFileError(path, line, message)
 
 
 def _logical_lines(text: str, path: str) -> list[tuple[int, str | None]]:
@@ -150,9 +168,11 @@ def _blocks(lines: list[tuple[int, str | None]]) -> list[list[tuple[int, str]]]:
     return blocks
 
 
-def _queue_line(content: str) -> tuple[str, str] | None:
+def _queue_line(content: str) -> tuple[str, str, list[str]] | None:
     match = _QUEUE_SHAPE.match(content)
-    return (match["queue"], match["vram"]) if match else None
+    if not match:
+        return None
+    return match["queue"], match["vram"], ([] if match["opts"] is None else match["opts"].split(","))
 
 
 def _vram(text: str) -> float | None:
@@ -166,12 +186,13 @@ def _vram(text: str) -> float | None:
     return value + 0.0  # -0.0 -> 0.0
 
 
-def _parse_block(block: list[tuple[int, str]], path: str) -> tuple[str, float, list[tuple[int, str]]]:
+def _parse_block(block: list[tuple[int, str]], path: str) -> tuple[str, float, list[tuple[int, str]], dict]:
     *commands, (last_no, last) = block
     # A queue line in the middle means the blank line between two blocks is missing.
     for i, (number, content) in enumerate(commands):
         shape = _queue_line(content)
-        if shape and _vram(shape[1]) is not None and is_safe_id(shape[0]):
+        if (shape and _vram(shape[1]) is not None and is_safe_id(shape[0])
+                and (not shape[2] or options.looks_like_options(shape[2]))):
             if i == 0:
                 raise CommandFileError(path, number, f"queue line {content!r} has no commands before it")
             nxt = block[i + 1][0]
@@ -184,7 +205,7 @@ def _parse_block(block: list[tuple[int, str]], path: str) -> tuple[str, float, l
                                                   "a QUEUE_ID,VRAM_GB line (e.g. 1,20)")
         raise CommandFileError(path, last_no, f"task block must end with a QUEUE_ID,VRAM_GB line (e.g. 1,20), "
                                               f"got {last!r}")
-    queue, vram_text = shape
+    queue, vram_text, items = shape
     if not commands:
         raise CommandFileError(path, last_no, f"queue line {last!r} has no commands before it")
     if not is_safe_id(queue):
@@ -199,4 +220,11 @@ def _parse_block(block: list[tuple[int, str]], path: str) -> tuple[str, float, l
         raise CommandFileError(path, last_no, f"bad VRAM {vram_text!r}: must not be negative")
     if not math.isfinite(vram * GIB):
         raise CommandFileError(path, last_no, f"bad VRAM {vram_text!r}: too large")
-    return queue, vram, commands
+    if any(not item.strip() for item in items):
+        raise CommandFileError(path, last_no, "empty option: write QUEUE_ID,VRAM_GB,key=value,... with no empty "
+                                              "item between commas")
+    try:
+        opts = options.parse(items)
+    except ValueError as exc:
+        raise CommandFileError(path, last_no, str(exc)) from None
+    return queue, vram, commands, opts

@@ -22,24 +22,27 @@ from typing import Any, Callable
 import psutil
 import structlog
 
-from . import evidence, journal, launcher, pidfile, procs, status, stopping
+from . import evidence, hostguard, journal, launcher, pidfile, procs, status, stopping, vram
+from .classify import is_permanent
 from .gpus.base import (PID_NAMESPACE_WARNING, GpuProbe, GpuSnapshot, current_user, key_from_record,
                         key_to_record, pid_namespace_mismatch, without_owners)
 from .hooks import Hooks
 from .ledger import Ledger
 from .observe import Observer
 from .policy import (Placement, RetryPolicy, build_views, candidates, fits, lease_active, plan_round,
-                     queue_status)
+                     queue_status, why_unplaceable)
 from .registry import Registry, RegistryError, private_dirs
 from .steering import Steering
 from .tasks import GIB, Queue, Task, TaskSpec, TaskState, group_queues
+from .vram import VramWatch
 from .wakeloop import WakeLoop
 
 log = structlog.get_logger("gpu_compete")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 130
 # What a record says of one attempt, dropped when the next attempt starts.
-_ATTEMPT_FIELDS = ("error_type", "retry_at", "gave_up", "exit_status", "ended_at", "pgid", "exec_pid")
+_ATTEMPT_FIELDS = ("error_type", "retry_at", "gave_up", "exit_status", "ended_at", "pgid", "exec_pid",
+                   "peak_vram_gb", "peak_gpu", "gpus")
 # How long the pids of an ended task are not counted on its GPU: NVML can list a process for
 # a moment after it exits, and the GPU must not sit idle for a poll because of it.
 GHOST_S = 10.0
@@ -65,6 +68,10 @@ class Config:
     kill_grace: float = 10.0
     on_event: str | None = None  # shell command run (not waited for) on task_start, task_end, ...
     hook_timeout: float = 30.0
+    timeout_s: float | None = None  # --timeout: the limit of a task without timeout=
+    retry_permanent: bool = False  # --retry-permanent: retry not_found/syntax/import errors too
+    oom_growth: float = 1.25  # after an oom: the next attempt needs last peak x this
+    guard: hostguard.HostGuard = field(default_factory=hostguard.HostGuard)
 
     @property
     def history(self) -> Path:
@@ -107,6 +114,8 @@ class Daemon:
         self.waiting_why: dict[str, str] = {}  # idle head -> why it did not start this round
         self.foreign_pids = False  # NVML's pids are another namespace's (a container)
         self._told_too_large: set[str] = set()
+        self.vram = VramWatch(_descends, self.user)
+        self.guard = hostguard.GuardWatch(config.guard, config.work_dir, lambda: _iso(self.wall()))
         self.draining = self.force = self.status_requested = False
         self.next_status = 0.0
         self._pidfile_fd: int | None = None
@@ -183,6 +192,7 @@ class Daemon:
             self.known[uid] = record
             task.retry_count = 0 if self.config.fresh else record["retry_count"]
             task.gpu = key_from_record(record.get("gpu"))
+            vram.restore(task, record, self.config.fresh)
             state = record.get("state")
             if state == "running":
                 if evidence.record_alive(record, uid, self.namespace):
@@ -212,6 +222,7 @@ class Daemon:
         gpu = key_from_record(record.get("gpu"))
         if gpu is not None:
             task.gpu = gpu
+        vram.restore(task, record, False)
         self.known.setdefault(task.uni_id, {}).update({k: v for k, v in record.items() if k != "gpu"})
         log.info("adopted running task", uni_id=task.uni_id, pid=record.get("pid"), gpu=task.gpu)
 
@@ -235,6 +246,7 @@ class Daemon:
             self.snapshots = self.probe.snapshot()
             self._check_pid_namespace(now)
             self._confirm(now)
+            self._watch_vram()
             if not self.draining and not self.force:
                 self._plan_and_launch(now)
         self._write_status()
@@ -334,7 +346,7 @@ class Daemon:
         self.ledger.add_success(uid, {
             "uni_id": uid, "state": "normal_exit", "queue": task.spec.queue, "gpu": key_to_record(task.gpu),
             "attempt": task.retry_count + 1, "exit_status": exit_status,
-            "start": record.get("started_at"), "end": _iso(self.wall()), "by": "daemon"})
+            "start": record.get("started_at"), "end": _iso(self.wall()), "by": "daemon", **vram.usage_fields(task)})
         self.known.pop(uid, None)
         log.info("task completed", uni_id=uid, queue=task.spec.queue, gpu=task.gpu)
 
@@ -353,12 +365,23 @@ class Daemon:
     def _failed(self, task: Task, error_type: str, now: float, note: str | None = None) -> None:
         if self.steer.stopped_on_purpose(task, now):
             return
-        decision = self.config.retry.after_failure(task.retry_count, now)
+        permanent = is_permanent(error_type) and not self.config.retry_permanent
+        decision = self.config.retry.after_failure(task.retry_count, now, max_retries=task.spec.retries,
+                                                   permanent=permanent)
         task.retry_count, task.error_type = decision.retry_count, error_type
         self._task_ended(task, now)
+        usage = vram.usage_fields(task)
         fields: dict[str, Any] = {"state": "abnormal_exit", "error_type": error_type,
-                                  "retry_count": decision.retry_count}
-        if decision.action == "give_up":
+                                  "retry_count": decision.retry_count, **usage}
+        if error_type == "oom":
+            fields["vram_gb_needed"] = vram.learn_from_oom(task, self.config.oom_growth, self.snapshots)
+        if decision.action == "give_up" and permanent:
+            task.state = TaskState.FAILED
+            fields["gave_up"] = True
+            log.error(f"task failed for good at once: {error_type} would only repeat (--retry-permanent "
+                      "retries it); its queue is blocked", uni_id=task.uni_id, error_type=error_type,
+                      **({"note": note} if note else {}))
+        elif decision.action == "give_up":
             task.state = TaskState.FAILED
             fields["gave_up"] = True
             log.error("task failed for good; its queue is blocked", uni_id=task.uni_id, error_type=error_type,
@@ -381,7 +404,9 @@ class Daemon:
         known = self.known.get(uid, {})
         entry = {"uni_id": uid, "state": "abnormal_exit", "error_type": error_type, "queue": task.spec.queue,
                  "gpu": key_to_record(task.gpu), "attempt": decision.retry_count, "start": known.get("started_at"),
-                 "exit_status": known.get("exit_status"), "end": known.get("ended_at") or _iso(self.wall())}
+                 "exit_status": known.get("exit_status"), "end": known.get("ended_at") or _iso(self.wall()), **usage}
+        if "vram_gb_needed" in fields:
+            entry["vram_gb_needed"] = fields["vram_gb_needed"]
         if fields.get("gave_up"):
             entry["gave_up"] = True
         self.ledger.append(entry)
@@ -415,7 +440,10 @@ class Daemon:
         claimed = {pid for pids in self.gpu_pids.values() for pid in pids}
         for task in waiting:
             roots = self._roots(task)
-            mine = {pid for pid in on_gpu.get(task.gpu, ()) if pid not in claimed and _descends(pid, roots)}
+            # A gpus=N task is confirmed once its tree shows on every one of its GPUs.
+            seen = [{pid for pid in on_gpu.get(key, ()) if pid not in claimed and _descends(pid, roots)}
+                    for key in task.gpu_keys]
+            mine = set().union(*seen) if seen and all(seen) else set()
             if mine:
                 task.confirmed = True
                 self.gpu_pids[task.uni_id] = mine
@@ -434,15 +462,19 @@ class Daemon:
         return roots
 
     def placements(self, now: float) -> list[Placement]:
-        return [Placement(t.gpu, t.spec.vram_bytes, lease_active(t, now, self.config.settle))
-                for t in self.tasks.values() if t.state is TaskState.RUNNING and t.gpu is not None]
+        """One per GPU a running task holds (a gpus=N task holds N)."""
+        return [Placement(key, t.need_bytes, lease_active(t, now, self.config.settle))
+                for t in self.tasks.values() if t.state is TaskState.RUNNING for key in t.gpu_keys]
 
     def _plan_and_launch(self, now: float) -> None:
         cands = self.steer.allowed(candidates(self.queues, now))
         if not cands:
             self.waiting_why = {}
             return
-        views = build_views(self.snapshots, self.placements(now), self.user, ignored=self.ghosts)
+        if self._guarded(cands):
+            return
+        views = build_views(self.snapshots, self.placements(now), self.user, ignored=self.ghosts,
+                            topology={s.key: s.group for s in self.snapshots if s.group is not None})
         smallest = min(c.vram_bytes for c in cands)
         self.observer.planning(v.key for v in views if fits(v, smallest, self.config.exclusive))
         snaps = {s.key: s for s in self.snapshots}
@@ -450,44 +482,67 @@ class Daemon:
         if any(launch.uni_id in self.ledger.touched for launch in plan):
             self.ledger.write_pending()  # a failure recorded this round lands before its retry starts
         for launch in plan:
-            self._launch(self.tasks[launch.uni_id], snaps[launch.gpu], now)
+            self._launch(self.tasks[launch.uni_id], [snaps[key] for key in launch.gpus], now)
         self._explain_waits(cands, {launch.uni_id for launch in plan})
+
+    def _guarded(self, cands: list) -> bool:
+        """The host guards (--min-free-ram, --min-free-disk): while one holds, nothing starts."""
+        was = self.guard.why
+        why = self.guard.check()
+        if why is None:
+            if was is not None:
+                log.info("host guard released; tasks start again", was=was)
+            return False
+        if was is None:
+            log.warning("host guard holds every queue; nothing starts until it clears", why=why)
+        self.waiting_why = {c.uni_id: f"host guard: {why} (since {self.guard.since})" for c in cands}
+        return True
 
     def _explain_waits(self, cands: list, launched: set[str]) -> None:
         """Why each idle head did not start, for status; a head that fits no GPU in scope at
-        all is said once in the log, not every round."""
-        largest = max((s.total_bytes for s in self.snapshots if s.available and s.total_bytes), default=None)
+        all (too large, or more GPUs than there are) is said once in the log, not every round."""
+        totals = [s.total_bytes for s in self.snapshots if s.available]
         why = {}
         for cand in cands:
             if cand.uni_id in launched:
                 continue
             need = _gb(cand.vram_bytes)
-            if largest is not None and cand.vram_bytes > largest:
-                why[cand.uni_id] = f"needs {need} GB; the largest GPU has {_gb(largest)} GB"
+            never = why_unplaceable(cand.vram_bytes, cand.gpus, totals) if totals else None
+            if never:
+                why[cand.uni_id] = never
                 if cand.uni_id not in self._told_too_large:
                     self._told_too_large.add(cand.uni_id)
-                    log.error("task fits no GPU in scope; it waits until one does (edit its VRAM or --gpus)",
-                              uni_id=cand.uni_id, why=why[cand.uni_id])
+                    log.error("task fits no GPU in scope; it waits until one does (edit its VRAM, gpus= or --gpus)",
+                              uni_id=cand.uni_id, why=never)
             else:
                 mode = "free and none of your processes" if self.config.exclusive else "free"
-                why[cand.uni_id] = f"waiting for a GPU with {need} GB {mode}"
+                what = f"{cand.gpus} GPUs with {need} GB each" if cand.gpus > 1 else f"a GPU with {need} GB"
+                why[cand.uni_id] = f"waiting for {what} {mode}"
         self.waiting_why = why
 
-    def _launch(self, task: Task, snap: GpuSnapshot, now: float) -> None:
+    def _launch(self, task: Task, snaps: list[GpuSnapshot], now: float) -> None:
         attempt = task.retry_count + 1
-        gpu = snap.key
+        gpu = snaps[0].key
+        keys = tuple(s.key for s in snaps)
+        timeout = task.spec.timeout_s if task.spec.timeout_s is not None else self.config.timeout_s
         try:
-            child = launcher.start(task.spec, gpu, attempt, self.paths, cuda_visible=snap.cuda_visible)
+            child = launcher.start(task.spec, gpu, attempt, self.paths, cuda_visible=",".join(s.cuda_visible for s in snaps),
+                                   gpus=keys, timeout_s=timeout, grace_s=self.config.kill_grace)
         except OSError as exc:
             log.error("cannot start task", uni_id=task.uni_id, error=str(exc))
             self._failed(task, "unknown", now, note=f"launch failed: {exc}")
             return
         self.children[task.uni_id] = child
         task.state, task.gpu, task.launched_at, task.confirmed, task.adopted = TaskState.RUNNING, gpu, now, False, False
-        ct = procs.create_time(child.pid)
-        fields = {"state": "running", "retry_count": task.retry_count, "gpu": key_to_record(gpu),
-                  "queue": task.spec.queue, "attempt": attempt, "supervisor_pid": child.pid,
-                  "supervisor_create_time": ct, "started_at": _iso(self.wall()), "updated_at": _iso(self.wall())}
+        task.gpus = keys if len(keys) > 1 else ()
+        task.peak_vram_bytes, task.peak_gpu, task.peak_written = None, None, 0
+        fields: dict[str, Any] = {
+            "state": "running", "retry_count": task.retry_count, "gpu": key_to_record(gpu),
+            "queue": task.spec.queue, "attempt": attempt, "supervisor_pid": child.pid,
+            "supervisor_create_time": procs.create_time(child.pid),
+            "started_at": _iso(self.wall()), "updated_at": _iso(self.wall())}
+        if task.gpus:
+            fields["gpus"] = [key_to_record(k) for k in task.gpus]
         uid = task.uni_id
 
         def change(data: dict[str, Any]) -> None:
@@ -500,12 +555,26 @@ class Daemon:
                 # Fields of the previous attempt go; its process group above all, which must
                 # never be taken for this attempt's.
                 record = {k: v for k, v in old.items() if k not in _ATTEMPT_FIELDS}
-                record.update(fields, pid=child.pid, create_time=ct)
+                record.update(fields, pid=child.pid, create_time=fields["supervisor_create_time"])
             data[uid] = record
             self.known[uid] = dict(record)
 
         self.ledger.write(change)
         log.info("task started", uni_id=uid, queue=task.spec.queue, gpu=gpu, attempt=attempt, pid=child.pid)
+
+    # --- what tasks use ---------------------------------------------------------------------
+
+    def _watch_vram(self) -> None:
+        """Each running task's peak VRAM from this round's snapshot, written as it grows."""
+        running = {t.uni_id: (t, self._roots(t)) for t in self.tasks.values()
+                   if t.state is TaskState.RUNNING and t.gpu_keys}
+        grown = vram.update_peaks(self.vram, self.snapshots, running, not self.config.exclusive) if running else {}
+        if grown:
+            def change(data: dict[str, Any]) -> None:
+                for uid, fields in grown.items():
+                    if isinstance(data.get(uid), dict):
+                        data[uid].update(fields)
+            self.ledger.write(change)
 
     # --- status ----------------------------------------------------------------------------
 
@@ -517,7 +586,7 @@ class Daemon:
         self.snapshots = self.probe.snapshot()
         views = build_views(self.snapshots, [], self.user)
         plan = plan_round(candidates(self.queues, now), views, self.rng, self.config.exclusive, self.config.pick)
-        return status.render_dry_run(self, views, {launch.uni_id: launch.gpu for launch in plan})
+        return status.render_dry_run(self, views, {launch.uni_id: ",".join(launch.gpus) for launch in plan})
 
     def view(self) -> dict[str, Any]:
         now = self.clock()
@@ -548,13 +617,13 @@ class Daemon:
         running = any(t.state is TaskState.RUNNING for t in self.tasks.values())
         if self.draining:
             return not running
-        return self.steer.finished_ok() and all(queue_status(q) in ("DONE", "BLOCKED") for q in self.queues.values())
+        return self.steer.finished_ok() and all(queue_status(q, self.queues) in ("DONE", "BLOCKED") for q in self.queues.values())
 
     def exit_code(self) -> int:
         states = {t.state for t in self.tasks.values()}
         if states <= {TaskState.COMPLETED, TaskState.SKIPPED}:
             return EXIT_OK
-        if all(queue_status(q) in ("DONE", "BLOCKED") for q in self.queues.values()):
+        if all(queue_status(q, self.queues) in ("DONE", "BLOCKED") for q in self.queues.values()):
             return EXIT_FAILED
         return EXIT_STOPPED
 

@@ -101,6 +101,8 @@ def live_task_processes(uni_ids: set[str] | dict, namespace: str) -> dict[str, d
         if uid not in found or ct < found[uid]["create_time"]:
             found[uid] = {"pid": proc.pid, "create_time": ct,
                           "gpu": env.get("GPU_COMPETE_GPU") or env.get("CUDA_VISIBLE_DEVICES") or None}
+            if env.get("GPU_COMPETE_GPUS_USED"):  # a gpus=N task: all its GPUs (launcher.GPU_KEYS_ENV)
+                found[uid]["gpus"] = env["GPU_COMPETE_GPUS_USED"].split(",")
     return found
 
 

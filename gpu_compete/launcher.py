@@ -26,6 +26,8 @@ SHELL = shutil.which("bash") or "/bin/sh"
 #: The GPU's key as gpu-compete names it ("3", "3:1" for a MIG device): how a restarted
 #: daemon that finds the task by its environment knows where it runs.
 GPU_KEY_ENV = "GPU_COMPETE_GPU"
+#: Every GPU key of a gpus=N task, comma-separated (only set for such tasks).
+GPU_KEYS_ENV = "GPU_COMPETE_GPUS_USED"
 
 
 def build_script(commands: list[str]) -> str:
@@ -100,7 +102,8 @@ class Child:
         return self.returncode
 
 
-def start(spec: TaskSpec, gpu: str, attempt: int, paths: LaunchPaths, cuda_visible: str | None = None) -> Child:
+def start(spec: TaskSpec, gpu: str, attempt: int, paths: LaunchPaths, cuda_visible: str | None = None,
+          gpus: tuple[str, ...] = (), timeout_s: float | None = None, grace_s: float = 10.0) -> Child:
     """Fork a supervisor for the task in a new session; returns at once.
 
     The supervisor is a fork of the daemon rather than a new interpreter: everything it
@@ -111,17 +114,26 @@ def start(spec: TaskSpec, gpu: str, attempt: int, paths: LaunchPaths, cuda_visib
     Forking is safe because the daemon is single-threaded (no lock can be held by another
     thread at the fork); keep it that way, or switch to spawning `python -m
     gpu_compete.supervisor`, which takes the same arguments.
+
+    A gpus=N task passes all its GPU keys in `gpus` (`gpu` is the first) and the comma list
+    of their CUDA names in `cuda_visible`: that list is its CUDA_VISIBLE_DEVICES and its
+    {available_gpu}. `timeout_s`: its time limit (SIGTERM, then SIGKILL `grace_s` later).
     """
     cuda_visible = cuda_visible or gpu
     supervisor.load_prctl()  # once per daemon, not once per task's child
     commands = spec.expanded(str(paths.work_dir), cuda_visible)
     script = build_script(commands)
-    meta = {"queue": spec.queue, "gpu": key_to_record(gpu), "attempt": attempt}
-    title = f"attempt {attempt} on GPU {gpu}: " + " ; ".join(commands)
+    meta: dict = {"queue": spec.queue, "gpu": key_to_record(gpu), "attempt": attempt}
+    if len(gpus) > 1:
+        meta["gpus"] = [key_to_record(g) for g in gpus]
+    where = f"GPUs {','.join(gpus)}" if len(gpus) > 1 else f"GPU {gpu}"
+    title = f"attempt {attempt} on {where}: " + " ; ".join(commands)
     log = log_path(paths.state_dir, spec.uni_id)
     private_dirs(log.parent)
     env = task_environment(spec, cuda_visible, paths)
     env[GPU_KEY_ENV] = gpu
+    if len(gpus) > 1:
+        env[GPU_KEYS_ENV] = ",".join(gpus)
     log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         pid = os.fork()
@@ -148,7 +160,8 @@ def start(spec: TaskSpec, gpu: str, attempt: int, paths: LaunchPaths, cuda_visib
         os.environ.clear()
         os.environ.update(env)
         code = supervisor.run([SHELL, "-c", script], spec.uni_id, str(paths.registry), str(log), quiet=True,
-                              history=str(paths.history), meta=meta, title=title).returncode
+                              history=str(paths.history), meta=meta, title=title, timeout_s=timeout_s,
+                              grace_s=grace_s).returncode
     except BaseException:  # noqa: BLE001 - report and leave; never unwind into the daemon
         try:
             import traceback

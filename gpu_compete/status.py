@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import atomic, procs
-from .policy import GpuView, Placement, build_views, candidates, fits, head, lease_active, queue_status
+from .policy import GpuView, Placement, after_state, build_views, candidates, fits, head, lease_active, queue_status
 from .tasks import GIB, TaskState
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,8 +36,8 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
     wall = daemon.wall()
     exclusive = daemon.config.exclusive
     running = [t for t in daemon.tasks.values() if t.state is TaskState.RUNNING]
-    placements = [Placement(t.gpu, t.spec.vram_bytes, lease_active(t, now, daemon.config.settle))
-                  for t in running if t.gpu is not None]  # as daemon.placements(), without a second scan
+    placements = [Placement(key, t.need_bytes, lease_active(t, now, daemon.config.settle))
+                  for t in running for key in t.gpu_keys]  # as daemon.placements(), without a second scan
     views = build_views(daemon.snapshots, placements, daemon.user, ignored=daemon.ghosts)
     waits = Waits(views, exclusive, daemon.draining or daemon.force)
     due = {c.uni_id for c in candidates(daemon.queues, now)}
@@ -45,7 +45,7 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
                             "skipped"), 0)
     queues, backing_off = [], []
     for name, queue in daemon.queues.items():
-        qstatus = queue_status(queue)
+        qstatus = queue_status(queue, daemon.queues)
         counts = dict.fromkeys(totals, 0)
         for task in queue:
             if task.state is TaskState.PENDING:
@@ -64,6 +64,8 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
             "total": len(queue), "current": current.uni_id if current else None,
             "current_state": current.state.value if current else None,
             "gpu": current.gpu if on_gpu else None, "retry_in_s": retry_in,
+            "gpus": list(current.gpus) if on_gpu and current.gpus else None,
+            **_vram(current),
             "error_type": current.error_type if current else None,
             "why": _why_waiting(daemon, current, qstatus),
             "attempt": current.retry_count + 1 if current else None,
@@ -79,12 +81,12 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
             elif current.uni_id in due and (entry["why"] is None or entry["why"].startswith("waiting for a GPU")):
                 # The planner's own reasons ("needs N GB; the largest GPU has M", "stopped; ...")
                 # stay; its generic one gives way to what is short now.
-                entry["why"] = waits.why(current.spec.vram_bytes)
+                entry["why"] = waits.why(current.need_bytes)
         queues.append(entry)
-    waiting_vram = [daemon.tasks[u].spec.vram_bytes for u in due if daemon.tasks[u].state is not TaskState.RUNNING]
+    waiting_vram = [daemon.tasks[u].need_bytes for u in due if daemon.tasks[u].state is not TaskState.RUNNING]
     gpus = []
     for snap in daemon.snapshots:
-        here = [t for t in running if t.gpu == snap.key]
+        here = [t for t in running if snap.key in t.gpu_keys]
         mine = snap.user_processes(daemon.user)
         others = [p for p in snap.processes if p.user != daemon.user]
         gpus.append({
@@ -101,6 +103,7 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(wall)), "updated_epoch": round(wall, 3),
         "daemon": {"pid": os.getpid(), "draining": daemon.draining,
                    "mode": "exclusive" if exclusive else "shared"},
+        "host_guard": None if daemon.guard.why is None else {"why": daemon.guard.why, "since": daemon.guard.since},
         "totals": totals, "queues": queues, "gpus": gpus, "backing_off": backing_off,
         "gpus_free_for_waiting": waits.able(waiting_vram),
         "registry": records_view({u: r for u, r in records.items() if u in daemon.tasks}),
@@ -153,6 +156,15 @@ class Waits:
         return [v.key for v in self.views if fits(v, smallest, self.exclusive)]
 
 
+def _vram(task: Any) -> dict[str, Any]:
+    """Declared VRAM beside what the current attempt used at its peak, and the raised need
+    after an oom."""
+    if task is None:
+        return {"vram_gb": None, "peak_vram_gb": None, "vram_gb_needed": None}
+    peak = None if task.peak_vram_bytes is None else round(task.peak_vram_bytes / GIB, 2)
+    return {"vram_gb": task.spec.vram_gb, "peak_vram_gb": peak, "vram_gb_needed": task.vram_gb_needed}
+
+
 def _retry_in(task: Any, now: float) -> float | None:
     """Seconds until a failed task runs again; None when it is not waiting for a time (a task
     ended by `stop --kill` runs again as soon as a daemon runs)."""
@@ -167,6 +179,10 @@ def _why_waiting(daemon: "Daemon", task: Any, qstatus: str) -> str | None:
         return None
     if task.state is TaskState.FAILED:
         return f"failed for good ({task.error_type or 'unknown'}); its queue is blocked"
+    if task.state is TaskState.PENDING and task.spec.after:
+        state, why = after_state(task, daemon.queues)
+        if state != "ready":
+            return why
     if task.state is TaskState.RETRY and task.error_type == "stopped":
         return "stopped; runs on restart" if daemon.draining or daemon.force else "stopped; runs again now"
     return daemon.waiting_why.get(task.uni_id)
@@ -229,6 +245,17 @@ def _steering_lines(steer: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _decl_used(q: dict[str, Any]) -> str | None:
+    """`8/14.2` (declared/peak used), `8/-` before a peak is seen, `8/-, needs 17.8` after an oom."""
+    if q.get("vram_gb") is None:
+        return None
+    used = "-" if q.get("peak_vram_gb") is None else f"{q['peak_vram_gb']:g}"
+    text = f"{q['vram_gb']:g}/{used}"
+    if q.get("vram_gb_needed"):
+        text += f", needs {q['vram_gb_needed']:g}"
+    return text
+
+
 def render_records(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "registry: no records"
@@ -251,10 +278,14 @@ def render(view: dict[str, Any]) -> str:
                      f"{t['blocked']} blocked" + (f", {t['skipped']} skipped" if t.get("skipped") else ""))
         lines += _steering_lines(view.get("steering"))
         lines.append("")
-        lines += table(["QUEUE", "STATUS", "DONE", "CURRENT", "STATE", "GPU", "WHY WAITING"],
+        guard = view.get("host_guard")
+        if guard:
+            lines.append(f"host guard holds every queue since {guard['since']}: {guard['why']}")
+        lines += table(["QUEUE", "STATUS", "DONE", "CURRENT", "STATE", "GPU", "VRAM GB DECL/USED", "WHY WAITING"],
                         [[q["queue"], q["status"], f"{q['done']}/{q['total']}", q["current"],
                           q["current_state"] + (f" (in {q['retry_in_s']}s)" if q.get("retry_in_s") else "")
-                          if q["current_state"] else None, q["gpu"], q.get("why")] for q in view["queues"]])
+                          if q["current_state"] else None, ",".join(map(str, q.get("gpus") or [])) or q["gpu"],
+                          _decl_used(q), q.get("why")] for q in view["queues"]])
         lines.append("")
         lines += table(["GPU", "NAME", "FREE/TOTAL GB", "MY PIDS", "LEASED", "RUNNING"],
                         [[g.get("key", g["index"]), g["name"] if g["available"] else f"UNAVAILABLE: {g['error']}",

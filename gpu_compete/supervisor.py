@@ -137,8 +137,11 @@ def _record(registry: Registry | None, uni_id: str, **fields: Any) -> None:
 
 def run(cmd: list[str], uni_id: str, registry: Registry | str | os.PathLike[str] | None, log_path: str | None = None,
         quiet: bool = False, history: str | None = None, meta: dict[str, Any] | None = None,
-        title: str | None = None) -> ExecResult:
-    """Run CMD to its end and record it; `registry` may be a path, opened once CMD runs."""
+        title: str | None = None, timeout_s: float | None = None, grace_s: float = 10.0) -> ExecResult:
+    """Run CMD to its end and record it; `registry` may be a path, opened once CMD runs.
+
+    With `timeout_s`, CMD's process group gets SIGTERM once it has run that long and SIGKILL
+    `grace_s` later; it then ends as `timeout`."""
     log: IO[bytes] | None = None
     if log_path:
         os.makedirs(os.path.dirname(log_path) or ".", mode=0o700, exist_ok=True)
@@ -154,10 +157,13 @@ def run(cmd: list[str], uni_id: str, registry: Registry | str | os.PathLike[str]
         if log:
             log.write(f"==== {_now()} could not start: {exc}\n".encode())
         registry = _open_registry(registry)
-        _record(registry, uni_id, state="abnormal_exit", error_type="unknown", exit_status=127)
-        return ExecResult(127, "abnormal_exit", "unknown")
+        _record(registry, uni_id, state="abnormal_exit", error_type="not_found", exit_status=127)
+        return ExecResult(127, "abnormal_exit", "not_found")
+    signalled = False
 
     def forward(signum: int, _frame: object) -> None:
+        nonlocal signalled
+        signalled = True
         try:
             os.killpg(child.pid, signum)
         except (ProcessLookupError, PermissionError):
@@ -183,12 +189,7 @@ def run(cmd: list[str], uni_id: str, registry: Registry | str | os.PathLike[str]
              threading.Thread(target=_pump, args=(child.stderr, err_sinks, tail, lock), daemon=True)]
     for pump in pumps:
         pump.start()
-    while True:
-        try:
-            raw = child.wait()
-            break
-        except InterruptedError:  # pragma: no cover - PEP 475 retries for us
-            continue
+    raw, timed_out = _wait(child, timeout_s, grace_s, log)
     for pump in pumps:
         pump.join(timeout=5)
 
@@ -208,9 +209,9 @@ def run(cmd: list[str], uni_id: str, registry: Registry | str | os.PathLike[str]
         if state == "abnormal_exit" and error_type in (None, "", "unknown"):
             # The wrapper said it failed but not why (old wrappers write only pid and state):
             # the output still can.
-            error_type = classify(returncode if returncode else 1, tail.text()) or "unknown"
+            error_type = classify(returncode if returncode else 1, tail.text(), signalled=signalled) or "unknown"
     else:
-        error_type = classify(returncode, tail.text())
+        error_type = classify(returncode, tail.text(), signalled=signalled, timed_out=timed_out)
         state = "normal_exit" if error_type is None else "abnormal_exit"
     if log:
         sig = killed_by(returncode)
@@ -220,8 +221,11 @@ def run(cmd: list[str], uni_id: str, registry: Registry | str | os.PathLike[str]
     if history and state == "normal_exit":
         # Durable before the registry says so: a crash between the two can't lose a success.
         try:
+            # The daemon writes the attempt's peak VRAM into the record as it grows.
+            peak = said.get("peak_vram_gb") if said else None
+            usage = {"peak_vram_gb": peak if isinstance(peak, (int, float)) and not isinstance(peak, bool) else None}
             journal.append(history, {"uni_id": uni_id, "state": state, "exit_status": returncode,
-                                     "start": _iso(started), "end": _now(), **(meta or {})})
+                                     "start": _iso(started), "end": _now(), **(meta or {}), **usage})
         except OSError as exc:  # the registry still says normal_exit; the daemon writes the line later
             _warn(f"could not append to {history}: {exc.strerror or exc}")
     _record(registry, uni_id, state=state, error_type=error_type, exit_status=returncode, ended_at=_now())
@@ -229,6 +233,51 @@ def run(cmd: list[str], uni_id: str, registry: Registry | str | os.PathLike[str]
     for sig, handler in previous.items():
         signal.signal(sig, handler)
     return ExecResult(returncode, state, error_type)
+
+
+def _wait(child: subprocess.Popen, timeout_s: float | None, grace_s: float, log: IO[bytes] | None) -> tuple[int, bool]:
+    """CMD's raw status, and whether it was ended at its time limit: SIGTERM to its group at
+    the limit, SIGKILL to the group after the grace period (whatever of it still runs)."""
+    if timeout_s is None:
+        return child.wait(), False
+    try:
+        return child.wait(timeout=timeout_s), False
+    except subprocess.TimeoutExpired:
+        pass
+    _limit_note(log, f"time limit: SIGTERM to the task's process group after {timeout_s:g} s")
+    _killpg(child.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    raw = None
+    # The grace period is for the whole group (a shell's python child saving a checkpoint),
+    # not only its leader: SIGKILL goes once it passes with any of the group left.
+    while time.monotonic() < deadline:
+        if raw is None:
+            raw = child.poll()
+        if raw is not None and not _killpg(child.pid, 0):
+            return raw, True
+        time.sleep(0.05)
+    _limit_note(log, f"time limit: SIGKILL to what is left of the group after a further {grace_s:g} s")
+    _killpg(child.pid, signal.SIGKILL)
+    return (child.wait() if raw is None else raw), True
+
+
+def _killpg(pgid: int, sig: int) -> bool:
+    """Signal a process group; False when none of it is left."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _limit_note(log: IO[bytes] | None, text: str) -> None:
+    if log:
+        try:
+            log.write(f"==== {_now()} {text}\n".encode())
+        except (OSError, ValueError):
+            pass
 
 
 def _open_registry(registry: Registry | str | os.PathLike[str] | None) -> Registry | None:
@@ -259,13 +308,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--meta", default="{}")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--title", help="What the log header says is running (default: the command)")
+    parser.add_argument("--timeout", type=float, help="Seconds before CMD's group gets SIGTERM (then SIGKILL)")
+    parser.add_argument("--grace", type=float, default=10.0, help="Seconds between SIGTERM and SIGKILL")
     parser.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
     import json
 
     result = run(cmd, args.uni_id, args.registry, args.log, quiet=args.quiet,
-                 history=args.history, meta=json.loads(args.meta), title=args.title)
+                 history=args.history, meta=json.loads(args.meta), title=args.title, timeout_s=args.timeout,
+                 grace_s=args.grace)
     return result.returncode
 
 

@@ -67,6 +67,30 @@ class TaskSpec:
     line: int  # line of the first command, for messages
     uni_id: str = field(default="")
     occurrence: int = 1  # n for the n-th block of its queue with exactly these commands
+    # Options of the queue line (`QUEUE_ID,VRAM_GB,key=value...`); the defaults are what a
+    # plain `QUEUE_ID,VRAM_GB` line means. They are not part of the uni_id: changing when or
+    # how urgently a task runs does not make it a different experiment (as VRAM_GB doesn't).
+    gpus: int = 1  # GPUs it needs, each with vram_gb free
+    timeout_s: float | None = None  # None: the daemon's --timeout, if any
+    priority: int = 0  # higher is placed first among idle queue heads
+    retries: int | None = None  # None: the daemon's --max-retries
+    after: tuple[str, ...] = ()  # queues that must be done before it starts
+    queue_line: int = 0  # line of its QUEUE_ID,VRAM_GB line, for messages
+
+    def options(self) -> dict[str, object]:
+        """The options given on its queue line (not the defaults), as `check --json` shows them."""
+        out: dict[str, object] = {}
+        if self.gpus != 1:
+            out["gpus"] = self.gpus
+        if self.timeout_s is not None:
+            out["timeout_s"] = self.timeout_s
+        if self.priority:
+            out["priority"] = self.priority
+        if self.retries is not None:
+            out["retries"] = self.retries
+        if self.after:
+            out["after"] = list(self.after)
+        return out
 
     def __post_init__(self) -> None:
         if not self.uni_id:
@@ -149,10 +173,28 @@ class Task:
     launched_at: float | None = None
     confirmed: bool = False  # its process has shown up on its GPU
     adopted: bool = False  # started by an earlier daemon
+    gpus: tuple[str, ...] = ()  # every GPU of a gpus=N task (`gpu` is the first)
+    vram_gb_needed: float | None = None  # raised after an oom: what the next attempt asks for
+    peak_vram_bytes: int | None = None  # most its processes held on one of its GPUs, this attempt
+    peak_gpu: str | None = None  # where that peak was
+    peak_written: int = 0  # the peak last written to its registry record
+    warned_over: bool = False  # told once that it uses more than it declared
 
     @property
     def uni_id(self) -> str:
         return self.spec.uni_id
+
+    @property
+    def gpu_keys(self) -> tuple[str, ...]:
+        """Every GPU it runs on (one for most tasks)."""
+        return self.gpus or ((self.gpu,) if self.gpu is not None else ())
+
+    @property
+    def need_bytes(self) -> int:
+        """VRAM on each of its GPUs the next attempt needs: declared, or more after an oom."""
+        if self.vram_gb_needed is None or self.vram_gb_needed <= self.spec.vram_gb:
+            return self.spec.vram_bytes
+        return int(self.vram_gb_needed * GIB)
 
 
 # States a queue's head moves past: done with, one way or the other.

@@ -103,25 +103,26 @@ def test_runtime_error_is_runtime_error(tmp_path: Path) -> None:
     assert (record["state"], record["error_type"]) == ("abnormal_exit", "runtime_error")
 
 
-def test_cmd_killed_by_sigkill_is_killed_137(tmp_path: Path) -> None:
-    """CMD killing itself with SIGKILL gives abnormal_exit/killed and exec exits 137 (128+9)."""
+def test_cmd_killed_by_sigkill_is_host_oom_137(tmp_path: Path) -> None:
+    """CMD SIGKILLed by someone other than us (as the kernel OOM killer does) gives
+    abnormal_exit/host_oom and exec exits 137 (128+9)."""
     reg = tmp_path / "uni_id.json"
     result = run_exec(reg, "k", PY, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
     assert result.returncode == 128 + signal.SIGKILL
     record = record_of(reg, "k")
-    assert (record["state"], record["error_type"]) == ("abnormal_exit", "killed")
+    assert (record["state"], record["error_type"]) == ("abnormal_exit", "host_oom")
     assert record["exit_status"] == 137
 
 
 def test_missing_cmd_is_127_abnormal(tmp_path: Path) -> None:
-    """A CMD that does not exist gives exit status 127, a message on stderr, and abnormal_exit."""
+    """A CMD that does not exist gives exit status 127, a message on stderr, and abnormal_exit/not_found."""
     reg = tmp_path / "uni_id.json"
     result = run_exec(reg, "x", "/nonexistent")
     assert result.returncode == 127
     assert "/nonexistent" in result.stderr
     record = record_of(reg, "x")
     assert record["state"] == "abnormal_exit"
-    assert record["error_type"] == "unknown"
+    assert record["error_type"] == "not_found"
     assert record["exit_status"] == 127
 
 

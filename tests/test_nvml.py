@@ -296,3 +296,26 @@ def test_warnings_once_per_state_change(fakes):
         probe.snapshot()
         probe.snapshot()
     assert len(caught) == 3
+
+
+def _gpu_of(handle) -> int:
+    """The fake driver's handle for GPU i is 0x1000 * (i + 1)."""
+    return ctypes.cast(handle, ctypes.c_void_p).value // 0x1000 - 1
+
+
+def test_topology_groups_gpus_under_one_pcie_switch(fakes):
+    """GPUs joined by PCIe switches only share a group; across a host bridge they don't."""
+    fake = fakes([FakeGpu(f"GPU-{i}") for i in range(4)])
+    levels = {(0, 2): 20, (1, 3): 10}  # MULTIPLE, SINGLE; every other pair crosses the CPU (40)
+    fake.module.nvmlDeviceGetTopologyCommonAncestor = \
+        lambda a, b: levels.get(tuple(sorted((_gpu_of(a), _gpu_of(b)))), 40)
+    assert [s.group for s in probe_over(fake).snapshot()] == ["pcie0", "pcie1", "pcie0", "pcie1"]
+
+
+def test_topology_falls_back_to_the_numa_node_then_to_nothing(fakes):
+    """Where the driver lacks the ancestor call the NUMA node groups GPUs; lacking both, no groups."""
+    fake = fakes([FakeGpu(f"GPU-{i}") for i in range(3)])
+    fake.module.nvmlDeviceGetNumaNodeId = lambda h: [0, 1, 0][_gpu_of(h)]
+    assert [s.group for s in probe_over(fake).snapshot()] == ["numa0", "numa1", "numa0"]
+    plain = fakes([FakeGpu(f"GPU-{i}") for i in range(3)])
+    assert [s.group for s in probe_over(plain).snapshot()] == [None] * 3

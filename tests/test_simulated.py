@@ -127,3 +127,34 @@ def test_scope_follows_gpus_option_and_cuda_visible_devices():
         SimulatedProbe(parse_spec("4x24"), scope="7")
     with pytest.raises(ScopeError):
         SimulatedProbe(parse_spec("4x24"), environ={"CUDA_VISIBLE_DEVICES": ""})
+
+
+def test_a_comma_list_holds_the_vram_on_each_listed_gpu(children):
+    """CUDA_VISIBLE_DEVICES=1,2 (a gpus=2 task) uses its GPU_COMPETE_VRAM_GB on each of GPUs 1 and 2."""
+    probe = SimulatedProbe(parse_spec("3x24"))
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                            env=dict(os.environ, CUDA_VISIBLE_DEVICES="1,2", GPU_COMPETE_VRAM_GB="5"),
+                            start_new_session=True)
+    children.append(proc)
+    wait_for(lambda: proc.pid in pids_on(probe, 1) and proc.pid in pids_on(probe, 2), 10, "the process on GPUs 1, 2")
+    mine = [[p.used_bytes for p in snap.processes if p.pid == proc.pid] for snap in probe.snapshot()]
+    assert mine == [[], [5 * GIB], [5 * GIB]]  # (other processes of the machine may be listed too)
+
+
+def test_a_child_with_its_own_vram_replaces_its_parents_claim(children):
+    """A child that sets its own GPU_COMPETE_VRAM_GB is counted in place of its shell (not added)."""
+    probe = SimulatedProbe(parse_spec("1x24"))
+    shell = subprocess.Popen(["bash", "-c", "GPU_COMPETE_VRAM_GB=9 sleep 60 & wait"],
+                             env=dict(os.environ, CUDA_VISIBLE_DEVICES="0", GPU_COMPETE_VRAM_GB="2"),
+                             start_new_session=True)
+    children.append(shell)
+    import psutil
+
+    def child():
+        kids = psutil.Process(shell.pid).children()
+        return kids[0].pid if kids else None
+
+    kid = wait_for(child, 10, "the shell's child")
+    wait_for(lambda: kid in pids_on(probe, 0), 10, "the child on GPU 0")
+    listed = {p.pid: p.used_bytes for p in probe.snapshot()[0].processes}
+    assert listed[kid] == 9 * GIB and shell.pid not in listed

@@ -51,6 +51,9 @@ class GpuSnapshot:
     # CUDA_VISIBLE_DEVICES must say to reach it ("3", or "MIG-<uuid>").
     key: str = ""
     cuda_visible: str = ""
+    # Topology: GPUs with the same group (a NUMA node, a PCIe switch) are close, and a gpus=N
+    # task prefers N of one group. None: not known (every such GPU counts as one group).
+    group: str | None = None
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -67,6 +70,7 @@ class GpuSnapshot:
             "uuid": self.uuid, "name": self.name, "processes_known": self.processes_known,
             "total_bytes": self.total_bytes, "used_bytes": self.used_bytes, "free_bytes": self.free_bytes,
             "utilization": self.utilization, "available": self.available, "error": self.error,
+            "group": self.group,
             "processes": [{"pid": p.pid, "used_bytes": p.used_bytes, "user": p.user} for p in self.processes],
         }
 

@@ -77,6 +77,7 @@ class NvmlProbe:
             self.close()
             raise NoDriverError(f"NVML started but could not count the GPUs: {_reason(exc)}") from exc
         self._units: dict[str, _Unit] = {}
+        self._handles: dict[int, Any] = {}
         self._no_mig: set[int] = set()  # GPUs that answered "no MIG here"
         for index in range(count):
             self._identify(index)
@@ -88,6 +89,8 @@ class NvmlProbe:
             raise
         self.indices: list[int] = sorted({self._units[k].index for k in self.keys})
 
+        self.groups = self._topology(self.indices)
+        self._handles.clear()
         self._memory_v1: set[str] = set()  # units whose driver refused the v2 memory call
         self._processes = ProcessReader(self._nvml)
         self._last_error: dict[str, str | None] = {}
@@ -156,10 +159,41 @@ class NvmlProbe:
             # here, so the snapshot says so instead of saying "none" (memory is still good).
             return GpuSnapshot(unit.index, unit.uuid, unit.name, total, used, free, utilization, (), True,
                                f"process list unavailable: {_reason(exc)}", processes_known=False,
-                               key=key, cuda_visible=cuda_visible)
+                               key=key, cuda_visible=cuda_visible, group=self.groups.get(unit.index))
         processes = tuple(GpuProcess(pid, _size(b), owner_of(pid)) for pid, b in listed.items())
         return GpuSnapshot(unit.index, unit.uuid, unit.name, total, used, free, utilization, processes,
-                           key=key, cuda_visible=cuda_visible)
+                           key=key, cuda_visible=cuda_visible, group=self.groups.get(unit.index))
+
+    def _topology(self, indices: list[int]) -> dict[int, str]:
+        """Which GPUs are close, read once: GPUs joined by PCIe switches only (a common
+        ancestor of NVML_TOPOLOGY_SINGLE or MULTIPLE, below any host bridge) form one group,
+        "pcie<lowest index>"; where the driver can't say (NotSupported, an old driver without
+        the call), the NUMA node, "numa<N>"; else nothing (all one group). A gpus=N task
+        prefers N GPUs of one group."""
+        nvml = self._nvml
+        handles = self._handles
+        if len(indices) < 2 or any(i not in handles for i in indices):
+            return {}
+        try:
+            limit = getattr(nvml, "NVML_TOPOLOGY_MULTIPLE", 20)
+            parent = {i: i for i in indices}
+
+            def root(i: int) -> int:
+                while parent[i] != i:
+                    i = parent[i]
+                return i
+
+            for a in indices:
+                for b in indices:
+                    if a < b and int(nvml.nvmlDeviceGetTopologyCommonAncestor(handles[a], handles[b])) <= limit:
+                        parent[max(root(a), root(b))] = min(root(a), root(b))
+            return {i: f"pcie{root(i)}" for i in indices}
+        except Exception:  # noqa: BLE001 - no topology is a value, never a failure of the probe
+            pass
+        try:
+            return {i: f"numa{int(nvml.nvmlDeviceGetNumaNodeId(handles[i]))}" for i in indices}
+        except Exception:  # noqa: BLE001
+            return {}
 
     def _unavailable(self, key: str, error: str) -> GpuSnapshot:
         unit = self._units[key]
@@ -172,6 +206,7 @@ class NvmlProbe:
         nvml = self._nvml
         try:
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            self._handles[index] = handle  # for reading the topology once, at start-up
             self._units[str(index)] = _Unit(index, None, _text(nvml.nvmlDeviceGetUUID(handle)),
                                             _text(nvml.nvmlDeviceGetName(handle)))
         except Exception:  # a GPU lost at start-up keeps its index; snapshot reports it unavailable

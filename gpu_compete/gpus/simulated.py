@@ -1,9 +1,13 @@
 """Simulated GPUs, for trying gpu-compete without a GPU and for testing the daemon end to end.
 
 A real process counts as running on simulated GPU N when its environment has
-`CUDA_VISIBLE_DEVICES=N` and `GPU_COMPETE_VRAM_GB=X`: it then uses X GB there. Only the
-topmost such process of a tree counts (a shell and its child are one task), and only once
-it has lived `startup_delay_s` (a CUDA context takes a while to appear in NVML).
+`CUDA_VISIBLE_DEVICES=N` and `GPU_COMPETE_VRAM_GB=X`: it then uses X GB there. With a comma
+list (`CUDA_VISIBLE_DEVICES=3,5`, a gpus=2 task) it uses X GB on *each* listed GPU, as the
+declared VRAM of a gpus=N task is per GPU. Only the topmost such process of a tree counts (a
+shell and its child are one task), unless a process sets a GPU_COMPETE_VRAM_GB of its own:
+then it replaces its parent's claim (how a test makes a task use more than it declared).
+A process counts only once it has lived `startup_delay_s` (a CUDA context takes a while to
+appear in NVML).
 
 Specs: `4x24` (4 GPUs of 24 GB), `4x24,delay=2` (with a 2 s start-up delay), or a JSON file
 re-read whenever it changes, so faults can be injected into a running daemon:
@@ -13,7 +17,8 @@ re-read whenever it changes, so faults can be injected into a running daemon:
                "processes": [{"pid": 4242, "memory_gb": 5, "user": "alice"}],
                "lost": false, "fail": null}]}
 
-`lost: true` makes the GPU unavailable (like NVML's GpuIsLost); `fail: "processes"` makes its
+`group: "numa0"` puts the GPU in a topology group (GPUs of one group are close: a gpus=N task
+prefers N of one group). `lost: true` makes the GPU unavailable (like NVML's GpuIsLost); `fail: "processes"` makes its
 process list fail, `fail: "memory"` its memory reading (like NotSupported).
 """
 
@@ -55,6 +60,7 @@ class SimGpu:
     processes: tuple[tuple[int, float, str | None], ...] = ()  # (pid, GB, user or None)
     lost: bool = False
     fail: str | None = None
+    group: str | None = None  # topology group (NUMA node / PCIe switch) for gpus=N placement
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,9 @@ def _sim_gpu(obj: dict[str, Any]) -> SimGpu:
     fail = obj.get("fail")
     if fail not in (None, "processes", "memory"):
         raise ValueError(f"fail must be \"processes\" or \"memory\", not {fail!r}")
-    return SimGpu(float(obj["memory_gb"]), str(obj.get("name", "Simulated GPU")), procs, bool(obj.get("lost")), fail)
+    group = obj.get("group")
+    return SimGpu(float(obj["memory_gb"]), str(obj.get("name", "Simulated GPU")), procs, bool(obj.get("lost")), fail,
+                  None if group is None else str(group))
 
 
 def sim_uuid(index: int) -> str:
@@ -119,11 +127,12 @@ class SimulatedProbe:
         self.indices = resolve_scope(scope, identities, environ)
         # (pid, start ticks) -> (gpu index, bytes, create time) or None; a process's initial
         # environment never changes, so each process is read once.
-        self._seen: dict[tuple[int, int], tuple[int, int, float] | None] = {}
+        self._seen: dict[tuple[int, int], tuple[tuple[int, ...], int, float] | None] = {}
         self._ignored: set[int] = set()  # pids of processes that are no task of ours
         # Processes that exited, still listed until `linger_s` passes: (pid, ct) -> (gpu, bytes, ppid, gone_at)
-        self._lingering: dict[tuple[int, float], tuple[int, int, int, float]] = {}
-        self._listed: dict[tuple[int, float], tuple[int, int, int]] = {}  # listed last time: -> (gpu, bytes, ppid)
+        # Keyed by ((pid, create time), gpu): a gpus=N task's process is listed on each GPU.
+        self._lingering: dict[tuple[tuple[int, float], int], tuple[int, int, int, float]] = {}
+        self._listed: dict[tuple[tuple[int, float], int], tuple[int, int, int]] = {}  # -> (gpu, bytes, ppid)
 
     @classmethod
     def from_spec(cls, spec: str, scope: str | None = "all", environ: dict[str, str] | None = None,
@@ -147,7 +156,7 @@ class SimulatedProbe:
         """Real processes on each simulated GPU: {index: [(pid, bytes)]}."""
         now = self._clock()
         found: dict[int, dict[int, tuple[int, int]]] = {}  # gpu -> pid -> (ppid, bytes)
-        listed: dict[tuple[int, float], tuple[int, int, int]] = {}
+        listed: dict[tuple[tuple[int, float], int], tuple[int, int, int]] = {}
         alive = set()
         uid = os.getuid()
         pids = _pids()
@@ -173,23 +182,29 @@ class SimulatedProbe:
             claim = self._seen[key]
             if claim is None:
                 continue
-            gpu, used, created = claim
+            gpus, used, created = claim
             if now - created < self.config.startup_delay_s:
                 continue
-            found.setdefault(gpu, {})[pid] = (ppid, used)
-            listed[key] = (gpu, used, ppid)
+            for gpu in gpus:  # a gpus=N task holds its VRAM on each of its GPUs
+                found.setdefault(gpu, {})[pid] = (ppid, used)
+                listed[(key, gpu)] = (gpu, used, ppid)
         self._seen = {k: v for k, v in self._seen.items() if k in alive or k[0] in self._ignored}
         if self.config.linger_s > 0:
             for key, (gpu, used, ppid) in self._listed.items():
-                if key not in alive and key not in self._lingering:
+                if key[0] not in alive and key not in self._lingering:
                     self._lingering[key] = (gpu, used, ppid, now)
             self._lingering = {k: v for k, v in self._lingering.items() if now - v[3] < self.config.linger_s}
-            for (pid, _ct), (gpu, used, ppid, _gone) in self._lingering.items():
+            for ((pid, _ct), _gpu), (gpu, used, ppid, _gone) in self._lingering.items():
                 found.setdefault(gpu, {}).setdefault(pid, (ppid, used))
             self._listed = listed
-        # Topmost of each tree only: drop a process whose parent is on the same GPU.
-        return {gpu: [(pid, b) for pid, (ppid, b) in procs.items() if ppid not in procs]
-                for gpu, procs in found.items()}
+        # Topmost of each tree only: drop a process whose parent is on the same GPU with the
+        # same claim; a child with a claim of its own replaces its parent's instead.
+        out = {}
+        for gpu, procs in found.items():
+            overridden = {ppid for ppid, b in procs.values() if ppid in procs and procs[ppid][1] != b}
+            out[gpu] = [(pid, b) for pid, (ppid, b) in procs.items()
+                        if pid not in overridden and (ppid not in procs or procs[ppid][1] != b)]
+        return out
 
     def snapshot(self) -> list[GpuSnapshot]:
         self._reload()
@@ -222,7 +237,7 @@ class SimulatedProbe:
                 continue
             util = min(100, 100 * len(procs)) if procs else 0
             out.append(GpuSnapshot(index, sim_uuid(index), gpu.name, total, used, total - used, util,
-                                   tuple(procs), error=error, processes_known=known))
+                                   tuple(procs), error=error, processes_known=known, group=gpu.group))
         return out
 
     def close(self) -> None:
@@ -249,8 +264,9 @@ def _stat(pid: int) -> tuple[int, str, int] | None:
         return None
 
 
-def _claim_pid(pid: int, uid: int, namespace: str | None) -> tuple[tuple[int, int, float] | None, float | None]:
-    """((gpu index, bytes, create time) or None, create time) for one process."""
+def _claim_pid(pid: int, uid: int, namespace: str | None) -> tuple[tuple[tuple[int, ...], int, float] | None,
+                                                                  float | None]:
+    """(((gpu index, ...), bytes, create time) or None, create time) for one process."""
     try:
         proc = psutil.Process(pid)
         created = proc.create_time()
@@ -262,8 +278,8 @@ def _claim_pid(pid: int, uid: int, namespace: str | None) -> tuple[tuple[int, in
         return None, None
 
 
-def _claim(proc: psutil.Process, namespace: str | None) -> tuple[int, int] | None:
-    """(gpu index, bytes) when the process's environment puts it on a simulated GPU."""
+def _claim(proc: psutil.Process, namespace: str | None) -> tuple[tuple[int, ...], int] | None:
+    """((gpu index, ...), bytes on each) when the process's environment puts it on simulated GPUs."""
     try:
         env = proc.environ()
     except (psutil.Error, OSError):
@@ -271,10 +287,10 @@ def _claim(proc: psutil.Process, namespace: str | None) -> tuple[int, int] | Non
     theirs = env.get(NAMESPACE_ENV)
     if namespace and theirs and theirs != namespace:
         return None
-    gb, visible = env.get(VRAM_ENV), env.get("CUDA_VISIBLE_DEVICES", "")
-    if gb is None or not visible.isdigit():
+    gb, visible = env.get(VRAM_ENV), env.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    if gb is None or not all(v.isdigit() for v in visible):
         return None
     try:
-        return int(visible), int(float(gb) * GIB)
+        return tuple(dict.fromkeys(int(v) for v in visible)), int(float(gb) * GIB)
     except ValueError:
         return None

@@ -1,0 +1,61 @@
+"""Pure pieces beside the daemon: the host guards' decision, and attributing GPU processes to
+running tasks for their peak VRAM (descent injected, no process table)."""
+
+from __future__ import annotations
+
+from gpu_compete.gpus.base import GpuProcess, GpuSnapshot
+from gpu_compete.hostguard import HostGuard
+from gpu_compete.tasks import GIB
+from gpu_compete.vram import VramWatch
+
+
+def test_no_guard_holds_nothing():
+    """Without --min-free-ram/--min-free-disk nothing is held, whatever the host has."""
+    assert not HostGuard().active
+    assert HostGuard().holding(0, 0) is None
+
+
+def test_guards_say_which_holds():
+    """Each guard below its threshold is named with the value and the option."""
+    guard = HostGuard(min_free_ram_gb=8, min_free_disk_gb=50)
+    assert guard.holding(16 * GIB, 100 * GIB) is None
+    assert guard.holding(4 * GIB, 100 * GIB) == "free RAM 4.0 GB < --min-free-ram 8 GB"
+    assert guard.holding(4 * GIB, 10 * GIB) == ("free RAM 4.0 GB < --min-free-ram 8 GB; "
+                                               "free disk 10.0 GB < --min-free-disk 50 GB")
+
+
+def test_unreadable_values_hold_nothing():
+    """A guard that cannot read the host does not stop every queue forever."""
+    assert HostGuard(8, 50).holding(None, None) is None
+
+
+def snap(key: str, *procs: tuple[int, float, str]) -> GpuSnapshot:
+    return GpuSnapshot(int(key), "", "", 24 * GIB, 0, 24 * GIB,
+                       processes=tuple(GpuProcess(pid, int(gb * GIB), user) for pid, gb, user in procs))
+
+
+def test_vram_is_summed_per_task_per_gpu_over_its_tree():
+    """Processes descending from a task's roots count for it on each of its GPUs; others don't."""
+    parents = {101: 100, 102: 101, 201: 200, 300: 1}
+    calls = []
+
+    def descends(pid, roots):
+        calls.append(pid)
+        while pid > 1:
+            if pid in roots:
+                return True
+            pid = parents.get(pid, 1)
+        return False
+
+    watch = VramWatch(descends, "me")
+    tasks = {"a": (("0", "1"), {100}), "b": (("1",), {200})}
+    snaps = [snap("0", (101, 3, "me"), (300, 7, "me"), (999, 9, "bob")),
+             snap("1", (102, 4, "me"), (201, 2, "me"))]
+    used = watch.sample(snaps, tasks)
+    assert used == {"a": {"0": 3 * GIB, "1": 4 * GIB}, "b": {"1": 2 * GIB}}
+    calls.clear()
+    watch.sample(snaps, tasks)
+    assert calls == []  # each pid is attributed once while it stays listed
+    # A pid no longer listed is forgotten (it may come back as another process).
+    watch.sample([snap("0"), snap("1")], tasks)
+    assert watch.owner == {}
