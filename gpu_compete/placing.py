@@ -1,0 +1,221 @@
+"""Putting tasks on GPUs: confirming launches, the container check, planning and launching.
+
+A mixin of `Daemon` (its state lives there); split out so each piece stays small.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psutil
+import structlog
+
+from . import launcher, procs, vram
+from .gpus.base import (
+    PID_NAMESPACE_WARNING,
+    GpuSnapshot,
+    key_to_record,
+    pid_namespace_mismatch,
+    without_owners,
+)
+from .policy import (
+    Placement,
+    build_views,
+    candidates,
+    fits,
+    lease_active,
+    plan_round,
+    why_unplaceable,
+)
+from .tasks import GIB, Task, TaskState
+from .timefmt import iso as _iso
+
+log = structlog.get_logger("gpu_compete")
+# What a record says of one attempt, dropped when the next attempt starts.
+_ATTEMPT_FIELDS = ("error_type", "retry_at", "gave_up", "exit_status", "ended_at", "pgid", "exec_pid",
+                   "peak_vram_gb", "peak_gpu", "gpus")
+
+
+class Placing:
+    def _check_pid_namespace(self, now: float) -> None:
+        """In a container without --pid=host NVML lists host pids: none of our tasks ever shows
+        up as itself. Said once; from then on owners of GPU processes are not guessed from pids
+        that mean something else here, and leases end at --settle."""
+        if not self.foreign_pids:
+            settled = {}
+            for t in self.tasks.values():
+                if (t.state is TaskState.RUNNING and not t.confirmed and t.gpu is not None
+                        and t.launched_at is not None and now - t.launched_at >= self.config.settle):
+                    settled.setdefault(t.gpu, set()).update(self._roots(t))
+            if settled and pid_namespace_mismatch(self.snapshots, settled):
+                self.foreign_pids = True
+                log.warning(PID_NAMESPACE_WARNING)
+        if self.foreign_pids:
+            self.snapshots = without_owners(self.snapshots)
+
+    def _confirm(self, now: float) -> None:
+        """A launch is confirmed once a process of its tree shows on its GPU; the pids seen
+        there are remembered, so they are not counted once the task has ended."""
+        self.ghosts = {pid: until for pid, until in self.ghosts.items() if until > now}
+        waiting = [t for t in self.tasks.values() if t.state is TaskState.RUNNING and not t.confirmed]
+        if not waiting:
+            return
+        on_gpu = {s.key: {p.pid for p in s.processes} for s in self.snapshots}
+        if not any(on_gpu.get(t.gpu) for t in waiting):
+            return
+        claimed = {pid for pids in self.gpu_pids.values() for pid in pids}
+        for task in waiting:
+            roots = self._roots(task)
+            # A gpus=N task is confirmed once its tree shows on every one of its GPUs.
+            seen = [{pid for pid in on_gpu.get(key, ()) if pid not in claimed and descends(pid, roots)}
+                    for key in task.gpu_keys]
+            mine = set().union(*seen) if seen and all(seen) else set()
+            if mine:
+                task.confirmed = True
+                self.gpu_pids[task.uni_id] = mine
+                claimed |= mine
+                log.debug("launch confirmed on its GPU", uni_id=task.uni_id, gpu=task.gpu,
+                          after_s=round(now - (task.launched_at or now), 2))
+
+    def _roots(self, task: Task) -> set[int]:
+        """The task's supervisor and the pid the registry names for it: a process on the GPU
+        that is one of these or descends from one is the task's."""
+        record = self.known.get(task.uni_id, {})
+        roots = {p for p in (record.get("supervisor_pid"), record.get("pid")) if procs.is_pid(p)}
+        child = self.children.get(task.uni_id)
+        if child is not None:
+            roots.add(child.pid)
+        return roots
+
+    def placements(self, now: float) -> list[Placement]:
+        """One per GPU a running task holds (a gpus=N task holds N)."""
+        return [Placement(key, t.need_bytes, lease_active(t, now, self.config.settle))
+                for t in self.tasks.values() if t.state is TaskState.RUNNING for key in t.gpu_keys]
+
+    def _plan_and_launch(self, now: float) -> None:
+        cands = self.steer.allowed(candidates(self.queues, now))
+        if not cands:
+            self.waiting_why = {}
+            return
+        if self._guarded(cands):
+            return
+        views = build_views(self.snapshots, self.placements(now), self.user, ignored=self.ghosts,
+                            topology={s.key: s.group for s in self.snapshots if s.group is not None})
+        smallest = min(c.vram_bytes for c in cands)
+        self.observer.planning(v.key for v in views if fits(v, smallest, self.config.exclusive))
+        snaps = {s.key: s for s in self.snapshots}
+        plan = plan_round(cands, views, self.rng, self.config.exclusive, self.config.pick)
+        if any(launch.uni_id in self.ledger.touched for launch in plan):
+            self.ledger.write_pending()  # a failure recorded this round lands before its retry starts
+        for launch in plan:
+            self._launch(self.tasks[launch.uni_id], [snaps[key] for key in launch.gpus], now)
+        self._explain_waits(cands, {launch.uni_id for launch in plan})
+
+    def _guarded(self, cands: list) -> bool:
+        """The host guards (--min-free-ram, --min-free-disk): while one holds, nothing starts."""
+        was = self.guard.why
+        why = self.guard.check()
+        if why is None:
+            if was is not None:
+                log.info("host guard released; tasks start again", was=was)
+            return False
+        if was is None:
+            log.warning("host guard holds every queue; nothing starts until it clears", why=why)
+        self.waiting_why = {c.uni_id: f"host guard: {why} (since {self.guard.since})" for c in cands}
+        return True
+
+    def _explain_waits(self, cands: list, launched: set[str]) -> None:
+        """Why each idle head did not start, for status; a head that fits no GPU in scope at
+        all (too large, or more GPUs than there are) is said once in the log, not every round."""
+        totals = [s.total_bytes for s in self.snapshots if s.available]
+        why = {}
+        for cand in cands:
+            if cand.uni_id in launched:
+                continue
+            need = _gb(cand.vram_bytes)
+            never = why_unplaceable(cand.vram_bytes, cand.gpus, totals) if totals else None
+            if never:
+                why[cand.uni_id] = never
+                if cand.uni_id not in self._told_too_large:
+                    self._told_too_large.add(cand.uni_id)
+                    log.error("task fits no GPU in scope; it waits until one does (edit its VRAM, gpus= or --gpus)",
+                              uni_id=cand.uni_id, why=never)
+            else:
+                mode = "free and none of your processes" if self.config.exclusive else "free"
+                what = f"{cand.gpus} GPUs with {need} GB each" if cand.gpus > 1 else f"a GPU with {need} GB"
+                why[cand.uni_id] = f"waiting for {what} {mode}"
+        self.waiting_why = why
+
+    def _launch(self, task: Task, snaps: list[GpuSnapshot], now: float) -> None:
+        attempt = task.retry_count + 1
+        gpu = snaps[0].key
+        keys = tuple(s.key for s in snaps)
+        timeout = task.spec.timeout_s if task.spec.timeout_s is not None else self.config.timeout_s
+        try:
+            child = launcher.start(task.spec, gpu, attempt, self.paths, cuda_visible=",".join(s.cuda_visible for s in snaps),
+                                   gpus=keys, timeout_s=timeout, grace_s=self.config.kill_grace)
+        except OSError as exc:
+            log.error("cannot start task", uni_id=task.uni_id, error=str(exc))
+            self._failed(task, "unknown", now, note=f"launch failed: {exc}")
+            return
+        self.children[task.uni_id] = child
+        task.state, task.gpu, task.launched_at, task.confirmed, task.adopted = TaskState.RUNNING, gpu, now, False, False
+        task.gpus = keys if len(keys) > 1 else ()
+        task.peak_vram_bytes, task.peak_gpu, task.peak_written = None, None, 0
+        fields: dict[str, Any] = {
+            "state": "running", "retry_count": task.retry_count, "gpu": key_to_record(gpu),
+            "queue": task.spec.queue, "attempt": attempt, "supervisor_pid": child.pid,
+            "supervisor_create_time": procs.create_time(child.pid),
+            "started_at": _iso(self.wall()), "updated_at": _iso(self.wall())}
+        if task.gpus:
+            fields["gpus"] = [key_to_record(k) for k in task.gpus]
+        uid = task.uni_id
+
+        def change(data: dict[str, Any]) -> None:
+            old = data.get(uid) if isinstance(data.get(uid), dict) else {}
+            if old.get("exec_pid") == child.pid:
+                # This attempt's supervisor wrote first (a fast task may even have ended): what
+                # it recorded (worker pid, group, final state, error type) stays.
+                record = {**old, **{k: v for k, v in fields.items() if k != "state"}}
+            else:
+                # Fields of the previous attempt go; its process group above all, which must
+                # never be taken for this attempt's.
+                record = {k: v for k, v in old.items() if k not in _ATTEMPT_FIELDS}
+                record.update(fields, pid=child.pid, create_time=fields["supervisor_create_time"])
+            data[uid] = record
+            self.known[uid] = dict(record)
+
+        self.ledger.write(change)
+        log.info("task started", uni_id=uid, queue=task.spec.queue, gpu=gpu, attempt=attempt, pid=child.pid)
+
+    def _watch_vram(self) -> None:
+        """Each running task's peak VRAM from this round's snapshot, written as it grows."""
+        running = {t.uni_id: (t, self._roots(t)) for t in self.tasks.values()
+                   if t.state is TaskState.RUNNING and t.gpu_keys}
+        grown = vram.update_peaks(self.vram, self.snapshots, running, not self.config.exclusive) if running else {}
+        if grown:
+            def change(data: dict[str, Any]) -> None:
+                for uid, fields in grown.items():
+                    if isinstance(data.get(uid), dict):
+                        data[uid].update(fields)
+            self.ledger.write(change)
+
+
+def _gb(size: int) -> str:
+    return f"{size / GIB:.1f}".removesuffix(".0")
+
+
+def descends(pid: int, roots: set[int], depth: int = 32) -> bool:
+    """True when `pid` is one of `roots` or a descendant of one: walking up from the few pids
+    on a GPU costs a handful of reads, where a map of every process's children cost a scan of
+    the whole process table on the path from one task's exit to the next one's start."""
+    for _ in range(depth):
+        if pid in roots:
+            return True
+        if pid <= 1:
+            return False
+        try:
+            pid = psutil.Process(pid).ppid()
+        except psutil.Error:
+            return False
+    return False
