@@ -8,6 +8,7 @@ remembered while it stays listed.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable, Mapping
 
 import structlog
@@ -94,8 +95,15 @@ def learn_from_oom(task: Task, growth: float, snapshots: list[GpuSnapshot]) -> f
     the log, plainly when it now fits no GPU in scope. Returns the new need in GB."""
     peak = None if task.peak_vram_bytes is None else task.peak_vram_bytes / GIB
     need = vram_after_oom(task.spec.vram_gb, task.vram_gb_needed, peak, growth)
+    totals = [s.total_bytes for s in snapshots if s.available and s.total_bytes]
+    largest = max(totals) / GIB if totals else None
+    if largest is not None and task.spec.vram_gb <= largest < need:
+        # Grown past every GPU, the task could never run again and its queue would wait
+        # forever: it asks for the largest GPU instead, which is the most it can have.
+        log.warning(f"{task.uni_id}: the raised need ({need:g} GB) is more than the largest GPU has; "
+                    f"asking for the largest ({largest:.2f} GB) instead", uni_id=task.uni_id)
+        need = math.floor(largest * 100) / 100  # rounded down, so it fits exactly
     task.vram_gb_needed = need
-    totals = [s.total_bytes for s in snapshots if s.available]
     never = why_unplaceable(task.need_bytes, task.spec.gpus, totals) if totals else None
     log.warning(f"{task.uni_id} ran out of memory: the next attempt needs {need:g} GB"
                 + (f", and fits no GPU: {never}" if never else ""), uni_id=task.uni_id,

@@ -59,3 +59,21 @@ def test_vram_is_summed_per_task_per_gpu_over_its_tree():
     # A pid no longer listed is forgotten (it may come back as another process).
     watch.sample([snap("0"), snap("1")], tasks)
     assert watch.owner == {}
+
+
+def test_an_oom_never_raises_the_need_past_the_largest_gpu():
+    """A 20 GB task that ran out of memory at a 22 GB peak on 24 GB GPUs would need 27.5 GB and
+    never run again: it asks for the largest GPU instead (a task declared larger keeps its need)."""
+    from gpu_compete.tasks import Task, TaskSpec
+    from gpu_compete.vram import learn_from_oom
+
+    snaps = [GpuSnapshot(i, f"u{i}", "g", 24 * GIB, 0, 24 * GIB) for i in range(2)]
+    task = Task(TaskSpec("1", 1, ("train",), 20, 1))
+    task.peak_vram_bytes = 22 * GIB
+    need = learn_from_oom(task, 1.25, snaps)
+    assert 23.9 < need <= 24 and task.need_bytes <= 24 * GIB
+    small = Task(TaskSpec("1", 2, ("eval",), 8, 1))
+    small.peak_vram_bytes = 10 * GIB
+    assert learn_from_oom(small, 1.25, snaps) == 12.5
+    huge = Task(TaskSpec("1", 3, ("big",), 30, 1))
+    assert learn_from_oom(huge, 1.25, snaps) == 37.5  # never fit: said, not hidden
