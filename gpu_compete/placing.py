@@ -97,6 +97,8 @@ class Placing:
         if not cands:
             self.waiting_why = {}
             return
+        if any(vram.cap_need(self.tasks[c.uni_id], self.snapshots) for c in cands):
+            cands = self.steer.allowed(candidates(self.queues, now))  # with the needs brought down
         if self._guarded(cands):
             return
         views = build_views(self.snapshots, self.placements(now), self.user, ignored=self.ghosts,

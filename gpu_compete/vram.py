@@ -94,21 +94,34 @@ def learn_from_oom(task: Task, growth: float, snapshots: list[GpuSnapshot]) -> f
     """An oom raises what the next attempt asks for: max(declared, peak x growth); said in
     the log, plainly when it now fits no GPU in scope. Returns the new need in GB."""
     peak = None if task.peak_vram_bytes is None else task.peak_vram_bytes / GIB
-    need = vram_after_oom(task.spec.vram_gb, task.vram_gb_needed, peak, growth)
+    task.vram_gb_needed = vram_after_oom(task.spec.vram_gb, task.vram_gb_needed, peak, growth)
+    cap_need(task, snapshots)
+    need = task.vram_gb_needed
     totals = [s.total_bytes for s in snapshots if s.available and s.total_bytes]
-    largest = max(totals) / GIB if totals else None
-    if largest is not None and task.spec.vram_gb <= largest < need:
-        # Grown past every GPU, the task could never run again and its queue would wait
-        # forever: it asks for the largest GPU instead, which is the most it can have.
-        log.warning(f"{task.uni_id}: the raised need ({need:g} GB) is more than the largest GPU has; "
-                    f"asking for the largest ({largest:.2f} GB) instead", uni_id=task.uni_id)
-        need = math.floor(largest * 100) / 100  # rounded down, so it fits exactly
-    task.vram_gb_needed = need
     never = why_unplaceable(task.need_bytes, task.spec.gpus, totals) if totals else None
     log.warning(f"{task.uni_id} ran out of memory: the next attempt needs {need:g} GB"
                 + (f", and fits no GPU: {never}" if never else ""), uni_id=task.uni_id,
                 declared_gb=task.spec.vram_gb, peak_gb=None if peak is None else round(peak, 2))
     return need
+
+
+def cap_need(task: Task, snapshots: list[GpuSnapshot]) -> bool:
+    """A need raised past the largest GPU in scope comes back down to it: grown past every GPU
+    a task that fitted could never run again and its queue would wait forever. Called when
+    the need is raised and before each round's planning (a need raised, or restored from the
+    registry, while no snapshot was at hand)."""
+    if task.vram_gb_needed is None:
+        return False
+    totals = [s.total_bytes for s in snapshots if s.available and s.total_bytes]
+    if not totals:
+        return False
+    largest = math.floor(max(totals) / GIB * 100) / 100  # rounded down, so it fits exactly
+    if task.spec.vram_gb <= largest < task.vram_gb_needed:
+        log.warning(f"{task.uni_id}: the raised need ({task.vram_gb_needed:g} GB) is more than the largest "
+                    f"GPU has; asking for the largest ({largest:g} GB) instead", uni_id=task.uni_id)
+        task.vram_gb_needed = largest
+        return True
+    return False
 
 
 def restore(task: Task, record: dict[str, Any], fresh: bool) -> None:

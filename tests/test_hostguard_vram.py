@@ -77,3 +77,17 @@ def test_an_oom_never_raises_the_need_past_the_largest_gpu():
     assert learn_from_oom(small, 1.25, snaps) == 12.5
     huge = Task(TaskSpec("1", 3, ("big",), 30, 1))
     assert learn_from_oom(huge, 1.25, snaps) == 37.5  # never fit: said, not hidden
+
+
+def test_a_need_raised_while_no_gpu_was_seen_comes_down_before_planning():
+    """A need raised past every GPU while no snapshot was at hand (an oom found at start-up, or a
+    record restored) is brought down to the largest GPU once the GPUs are seen."""
+    from gpu_compete.tasks import Task, TaskSpec
+    from gpu_compete.vram import cap_need
+
+    task = Task(TaskSpec("1", 1, ("train",), 20, 1))
+    task.vram_gb_needed = 25.0
+    assert not cap_need(task, []) and task.vram_gb_needed == 25.0
+    snaps = [GpuSnapshot(0, "u0", "g", 24 * GIB, 0, 24 * GIB)]
+    assert cap_need(task, snaps) and task.vram_gb_needed == 24.0
+    assert not cap_need(task, snaps)
