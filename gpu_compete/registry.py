@@ -11,6 +11,7 @@ the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -147,11 +148,7 @@ class Registry:
         return json.loads(json.dumps(self._load()))
 
     def _identity(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return st.st_ino, st.st_mtime_ns, st.st_size
+        return _fingerprint_path(self.path)
 
     def _load(self, updating: bool = False) -> dict[str, Any]:
         """The file's object; the one we wrote last, unparsed, while the file is still that one
@@ -272,7 +269,7 @@ class Registry:
             fh = open(self.path, "rb")
         except FileNotFoundError:
             fh = None
-        with fh if fh is not None else _nothing():
+        with fh if fh is not None else contextlib.nullcontext():
             before = _fingerprint(fh) if fh is not None else None
             data = self._load(updating=True)
             read_bytes = self._good
@@ -280,7 +277,7 @@ class Registry:
             change(data)
 
             def unchanged() -> None:
-                if check and before is not None and _fingerprint_path(self.path) != before:
+                if check and before is not None and self._identity() != before:
                     raise _Changed()
 
             self._write(data, unchanged)
@@ -383,14 +380,6 @@ def _fingerprint_path(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _now_iso() -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -91,3 +92,16 @@ def python_cmd(code: str, *args: str) -> list[str]:
 def files_under(path: Path) -> list[str]:
     """Every file and directory under `path`, relative, sorted."""
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def stop_daemon(proc: subprocess.Popen | None, timeout: float = 20) -> None:
+    """End a daemon the test started, if it still runs: SIGUSR2 (`stop --kill`: its tasks end
+    too), then SIGKILL if it has not exited within `timeout`."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGUSR2)
+    try:
+        proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 from pathlib import Path
 
 from gpu_compete.commandfile import parse
 
-from .helpers import clean_env, console_script, run_gpu_compete, wait_for
+from .helpers import clean_env, console_script, run_gpu_compete, stop_daemon, wait_for
 
 TASK_SH = r"""#!/bin/bash
 name=$1; mode=${2:-ok}
@@ -101,13 +100,7 @@ class Live:
             (self.dir / f"release-{name}").touch()
         for line in self.events():
             (self.dir / f"release-{line[1]}").touch()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGUSR2)
-            try:
-                self.proc.communicate(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.communicate()
+        stop_daemon(self.proc)
 
     def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return run_gpu_compete(args[0], "--state-dir", str(self.state), *args[1:], timeout=timeout)

@@ -32,7 +32,7 @@ from gpu_compete.registry import Registry
 from gpu_compete.tasks import TaskSpec, TaskState
 
 from .daemon_harness import DaemonRun, assert_each_succeeded_once, assert_exclusive, assert_queue_order
-from .helpers import clean_env, console_script, wait_for
+from .helpers import clean_env, console_script, stop_daemon, wait_for
 from .test_nvml import GPU_IS_LOST, NOT_SUPPORTED, PROCESS_CALLS, FakeGpu, FakeNvml
 
 ENOSPC_TEXT = "No space left on device"
@@ -76,13 +76,7 @@ def daemon_sees(run: DaemonRun, index: int, **want) -> bool:
 
 
 def stop_if_running(run: DaemonRun) -> None:
-    if run.proc is not None and run.proc.poll() is None:
-        run.signal(signal.SIGUSR2)
-        try:
-            run.proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            run.proc.kill()
-            run.proc.communicate()
+    stop_daemon(run.proc)
 
 
 def many(queues: str, per_queue: int, vram: float, seconds: float) -> list[tuple[str, float, str, float, str]]:
@@ -687,13 +681,7 @@ class FullDiskRun:
     def close(self) -> None:
         for n in (1, 2):
             (self.dir / f"go-{n}").touch()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGUSR2)
-            try:
-                self.proc.communicate(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.communicate()
+        stop_daemon(self.proc)
         procs.kill_all(procs.processes_with_env(**{NAMESPACE_ENV: str(self.state)}))
 
 
