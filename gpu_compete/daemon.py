@@ -162,6 +162,7 @@ class Daemon(Reconciling, Outcomes, Placing):
         self._write_status()
 
     def _collect(self, now: float) -> None:
+        self._hear_all(now)
         successes = self._sync_history()
         running = [t for t in self.tasks.values() if t.state is TaskState.RUNNING]
         if not running:
@@ -184,7 +185,7 @@ class Daemon(Reconciling, Outcomes, Placing):
                     if record is None and uid in self.known:
                         missing[uid] = self.known[uid]  # wiped by someone: put our record back
                     continue
-                del self.children[uid]
+                self._drop_child(uid)
                 said = evidence.wrapper_ending(record, child.pid)
                 if uid in successes or (said and said.state == "normal_exit") or (rc == 0 and not said):
                     self._completed(task, record or {}, now, exit_status=rc)
@@ -343,7 +344,8 @@ class Daemon(Reconciling, Outcomes, Placing):
                            self.clock)
         for child in self.children.values():
             child.wait(timeout=5)
-        self.children.clear()
+        for uid in list(self.children):
+            self._drop_child(uid)
         stopped = {t.uni_id: t for t in running}
         now_iso = _iso(self.wall())
 

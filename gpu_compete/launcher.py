@@ -5,9 +5,12 @@ The launcher decides nothing; the daemon tells it what to run where.
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +31,8 @@ SHELL = shutil.which("bash") or "/bin/sh"
 GPU_KEY_ENV = "GPU_COMPETE_GPU"
 #: Every GPU key of a gpus=N task, comma-separated (only set for such tasks).
 GPU_KEYS_ENV = "GPU_COMPETE_GPUS_USED"
+#: The node a task runs on, in a Ray cluster (`--ray`).
+NODE_ENV = "GPU_COMPETE_NODE"
 
 
 def build_script(commands: list[str]) -> str:
@@ -76,11 +81,41 @@ def task_environment(spec: TaskSpec, gpu: int | str, paths: LaunchPaths, base: d
 
 
 class Child:
-    """A supervisor forked from the daemon: `poll()` and `wait()` like Popen's."""
+    """A supervisor forked from the daemon: `poll()` and `wait()` like Popen's.
 
-    def __init__(self, pid: int):
+    `done_fd`: the read end of a pipe on which the supervisor says, before it writes the
+    outcome, that the task's processes are all gone (`read_done()`, `worker_done`)."""
+
+    def __init__(self, pid: int, done_fd: int | None = None):
         self.pid = pid
         self.returncode: int | None = None
+        self.done_fd = done_fd
+        self.worker_done = False
+
+    def read_done(self) -> bool:
+        """Take the supervisor's word if it has come: True when this call learned that the
+        task's processes are gone. The pipe is closed once anything (word or EOF) arrived."""
+        if self.done_fd is None:
+            return False
+        try:
+            data = os.read(self.done_fd, 16)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        self.close_done()
+        if data and not self.worker_done:
+            self.worker_done = True
+            return True
+        return False
+
+    def close_done(self) -> None:
+        if self.done_fd is not None:
+            try:
+                os.close(self.done_fd)
+            except OSError:
+                pass
+            self.done_fd = None
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -99,6 +134,70 @@ class Child:
         deadline = time.monotonic() + timeout
         while self.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
+        return self.returncode
+
+
+def _prepare(spec: TaskSpec, gpu: str, attempt: int, paths: LaunchPaths, cuda_visible: str,
+             gpus: tuple[str, ...], node: str | None = None) -> tuple[str, dict, str, Path, dict[str, str]]:
+    """What a supervisor is given: the script, its record's fields, its title, log and env."""
+    commands = spec.expanded(str(paths.work_dir), cuda_visible)
+    script = build_script(commands)
+    meta: dict = {"queue": spec.queue, "gpu": key_to_record(gpu), "attempt": attempt}
+    if len(gpus) > 1:
+        meta["gpus"] = [key_to_record(g) for g in gpus]
+    if node is not None:
+        meta["node"] = node
+    where = f"GPUs {','.join(gpus)}" if len(gpus) > 1 else f"GPU {gpu}"
+    title = f"attempt {attempt} on {where}: " + " ; ".join(commands)
+    log = log_path(paths.state_dir, spec.uni_id)
+    private_dirs(log.parent)
+    env = task_environment(spec, cuda_visible, paths)
+    env[GPU_KEY_ENV] = gpu
+    if len(gpus) > 1:
+        env[GPU_KEYS_ENV] = ",".join(gpus)
+    if node is not None:
+        env[NODE_ENV] = node
+    return script, meta, title, log, env
+
+
+def spawn(spec: TaskSpec, gpu: str, attempt: int, paths: LaunchPaths, cuda_visible: str | None = None,
+          gpus: tuple[str, ...] = (), timeout_s: float | None = None, grace_s: float = 10.0,
+          node: str | None = None) -> "SpawnedChild":
+    """Like `start`, but the supervisor is a new interpreter (`python -m gpu_compete.supervisor`)
+    rather than a fork: for a node agent, which lives in a Ray worker with threads of its own,
+    where a fork could copy a lock another thread holds. Costs a Python start-up per task."""
+    cuda_visible = cuda_visible or gpu
+    script, meta, title, log, env = _prepare(spec, gpu, attempt, paths, cuda_visible, gpus, node)
+    done_r, done_w = os.pipe()
+    argv = [sys.executable, "-m", "gpu_compete.supervisor", "--uni-id", spec.uni_id, "--registry", str(paths.registry),
+            "--log", str(log), "--history", str(paths.history), "--meta", json.dumps(meta), "--quiet",
+            "--title", title, "--grace", str(grace_s), "--done-fd", str(done_w)]
+    if timeout_s is not None:
+        argv += ["--timeout", str(timeout_s)]
+    argv += ["--", SHELL, "-c", script]
+    try:
+        with open(log, "ab", buffering=0) as out:
+            proc = subprocess.Popen(argv, env=env, cwd=paths.work_dir, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=out, start_new_session=True, pass_fds=(done_w,))
+    except BaseException:
+        os.close(done_r)
+        raise
+    finally:
+        os.close(done_w)
+    os.set_blocking(done_r, False)
+    return SpawnedChild(proc, done_r)
+
+
+class SpawnedChild(Child):
+    """A supervisor started as a new interpreter: the same face as a forked one."""
+
+    def __init__(self, proc: subprocess.Popen, done_fd: int):
+        super().__init__(proc.pid, done_fd)
+        self._proc = proc
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._proc.poll()
         return self.returncode
 
 
@@ -121,32 +220,29 @@ def start(spec: TaskSpec, gpu: str, attempt: int, paths: LaunchPaths, cuda_visib
     """
     cuda_visible = cuda_visible or gpu
     supervisor.load_prctl()  # once per daemon, not once per task's child
-    commands = spec.expanded(str(paths.work_dir), cuda_visible)
-    script = build_script(commands)
-    meta: dict = {"queue": spec.queue, "gpu": key_to_record(gpu), "attempt": attempt}
-    if len(gpus) > 1:
-        meta["gpus"] = [key_to_record(g) for g in gpus]
-    where = f"GPUs {','.join(gpus)}" if len(gpus) > 1 else f"GPU {gpu}"
-    title = f"attempt {attempt} on {where}: " + " ; ".join(commands)
-    log = log_path(paths.state_dir, spec.uni_id)
-    private_dirs(log.parent)
-    env = task_environment(spec, cuda_visible, paths)
-    env[GPU_KEY_ENV] = gpu
-    if len(gpus) > 1:
-        env[GPU_KEYS_ENV] = ",".join(gpus)
+    script, meta, title, log, env = _prepare(spec, gpu, attempt, paths, cuda_visible, gpus)
     log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        pid = os.fork()
+        done_r, done_w = os.pipe()
     except OSError:
         os.close(log_fd)
         raise
+    try:
+        pid = os.fork()
+    except OSError:
+        for fd in (log_fd, done_r, done_w):
+            os.close(fd)
+        raise
     if pid:
         os.close(log_fd)
-        return Child(pid)
+        os.close(done_w)
+        os.set_blocking(done_r, False)
+        return Child(pid, done_r)
     # --- in the child: nothing here may return into the daemon's loop ---
     code = 70
     try:
         os.setsid()
+        done_w = fcntl.fcntl(done_w, fcntl.F_DUPFD_CLOEXEC, 10)  # clear of 0-3, whatever fds the daemon lacks
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
@@ -154,14 +250,15 @@ def start(spec: TaskSpec, gpu: str, attempt: int, paths: LaunchPaths, cuda_visib
         os.dup2(devnull, 0)
         os.dup2(log_fd, 1)  # the supervisor's own complaints land in the task's log
         os.dup2(log_fd, 2)
-        os.closerange(3, 65536)  # the daemon's pid-file lock and wake-up pipe stay with it
+        os.dup2(done_w, 3, inheritable=False)  # the task's own processes never hold it
+        os.closerange(4, 65536)  # the daemon's pid-file lock and wake-up pipe stay with it
         setproctitle.setproctitle(f"gpu-compete: supervisor {spec.uni_id}")  # not a copy of the daemon in ps
         os.chdir(paths.work_dir)
         os.environ.clear()
         os.environ.update(env)
         code = supervisor.run([SHELL, "-c", script], spec.uni_id, str(paths.registry), str(log), quiet=True,
                               history=str(paths.history), meta=meta, title=title, timeout_s=timeout_s,
-                              grace_s=grace_s).returncode
+                              grace_s=grace_s, done_fd=3).returncode
     except BaseException:  # noqa: BLE001 - report and leave; never unwind into the daemon
         try:
             import traceback

@@ -47,7 +47,7 @@ class Outcomes:
         could see it there)."""
         for pid in self.gpu_pids.pop(task.uni_id, set()) | self._roots(task):
             self.ghosts[pid] = now + GHOST_S
-        self.children.pop(task.uni_id, None)
+        self._drop_child(task.uni_id)
 
     def _completed(self, task: Task, record: dict[str, Any], now: float, exit_status: int = 0) -> None:
         uid = task.uni_id

@@ -27,6 +27,7 @@ from .policy import (
     plan_round,
     why_unplaceable,
 )
+from .outcomes import GHOST_S
 from .tasks import GIB, Task, TaskState
 from .timefmt import iso as _iso
 
@@ -88,9 +89,53 @@ class Placing:
         return roots
 
     def placements(self, now: float) -> list[Placement]:
-        """One per GPU a running task holds (a gpus=N task holds N)."""
+        """One per GPU a running task holds (a gpus=N task holds N). A task whose supervisor
+        has said that its processes are all gone holds nothing while its outcome is written:
+        another queue's task may start there (its own queue waits for the outcome)."""
         return [Placement(key, t.need_bytes, lease_active(t, now, self.config.settle))
-                for t in self.tasks.values() if t.state is TaskState.RUNNING for key in t.gpu_keys]
+                for t in self.tasks.values() if t.state is TaskState.RUNNING and not self._worker_done(t)
+                for key in t.gpu_keys]
+
+    def _worker_done(self, task: Task) -> bool:
+        child = self.children.get(task.uni_id)
+        return child is not None and child.worker_done
+
+    # --- the supervisors' word that a task's processes are gone ------------------------------
+
+    def _listen(self, child: launcher.Child) -> None:
+        loop = getattr(self, "loop", None)  # none when rounds are driven by hand (tests)
+        if loop is not None and child.done_fd is not None:
+            loop.add_reader(child.done_fd, lambda: self._hear(child))
+
+    def _hear(self, child: launcher.Child) -> bool:
+        """Read the word if it came (a true answer wakes the loop for a round at once)."""
+        fd = child.done_fd
+        said = child.read_done()
+        self._unlisten(fd, child)
+        return said
+
+    def _unlisten(self, fd: int | None, child: launcher.Child) -> None:
+        if fd is not None and child.done_fd is None:
+            loop = getattr(self, "loop", None)
+            if loop is not None:
+                loop.remove_reader(fd)
+
+    def _drop_child(self, uid: str) -> None:
+        child = self.children.pop(uid, None)
+        if child is not None:
+            fd = child.done_fd
+            child.close_done()
+            self._unlisten(fd, child)
+
+    def _hear_all(self, now: float) -> None:
+        """Supervisors that said their task's processes are gone: the pids seen on the GPU are
+        not counted from now on, so the GPU is free for this round's plan."""
+        for uid, child in self.children.items():
+            if child.done_fd is not None:
+                self._hear(child)
+            if child.worker_done:
+                for pid in self.gpu_pids.get(uid, ()):
+                    self.ghosts.setdefault(pid, now + GHOST_S)
 
     def _plan_and_launch(self, now: float) -> None:
         cands = self.steer.allowed(candidates(self.queues, now))
@@ -161,6 +206,7 @@ class Placing:
             self._failed(task, "unknown", now, note=f"launch failed: {exc}")
             return
         self.children[task.uni_id] = child
+        self._listen(child)
         task.state, task.gpu, task.launched_at, task.confirmed, task.adopted = TaskState.RUNNING, gpu, now, False, False
         task.gpus = keys if len(keys) > 1 else ()
         task.peak_vram_bytes, task.peak_gpu, task.peak_written = None, None, 0

@@ -137,11 +137,15 @@ def _record(registry: Registry | None, uni_id: str, **fields: Any) -> None:
 
 def run(cmd: list[str], uni_id: str, registry: Registry | str | os.PathLike[str] | None, log_path: str | None = None,
         quiet: bool = False, history: str | None = None, meta: dict[str, Any] | None = None,
-        title: str | None = None, timeout_s: float | None = None, grace_s: float = 10.0) -> ExecResult:
+        title: str | None = None, timeout_s: float | None = None, grace_s: float = 10.0,
+        done_fd: int | None = None) -> ExecResult:
     """Run CMD to its end and record it; `registry` may be a path, opened once CMD runs.
 
     With `timeout_s`, CMD's process group gets SIGTERM once it has run that long and SIGKILL
-    `grace_s` later; it then ends as `timeout`."""
+    `grace_s` later; it then ends as `timeout`. With `done_fd` (a pipe to the daemon), the
+    moment CMD and its whole process group are gone is said there at once, before the
+    outcome is worked out and written: the daemon can give the GPU to another queue's task
+    while this one's record is still being written."""
     log: IO[bytes] | None = None
     if log_path:
         os.makedirs(os.path.dirname(log_path) or ".", mode=0o700, exist_ok=True)
@@ -190,6 +194,8 @@ def run(cmd: list[str], uni_id: str, registry: Registry | str | os.PathLike[str]
     for pump in pumps:
         pump.start()
     raw, timed_out = _wait(child, timeout_s, grace_s, log)
+    if done_fd is not None:
+        _say_done(done_fd, child.pid)
     for pump in pumps:
         pump.join(timeout=5)
 
@@ -233,6 +239,22 @@ def run(cmd: list[str], uni_id: str, registry: Registry | str | os.PathLike[str]
     for sig, handler in previous.items():
         signal.signal(sig, handler)
     return ExecResult(returncode, state, error_type)
+
+
+def _say_done(done_fd: int, pgid: int) -> None:
+    """One byte when nothing of CMD's process group is left (a background process of the task
+    may still hold the GPU otherwise), then EOF. EOF alone tells the daemon nothing: a
+    supervisor that dies closes the pipe too, and then only its exit status counts."""
+    try:
+        if not _killpg(pgid, 0):
+            os.write(done_fd, b"d")
+    except OSError:
+        pass
+    finally:
+        try:
+            os.close(done_fd)
+        except OSError:
+            pass
 
 
 def _wait(child: subprocess.Popen, timeout_s: float | None, grace_s: float, log: IO[bytes] | None) -> tuple[int, bool]:
@@ -310,14 +332,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--title", help="What the log header says is running (default: the command)")
     parser.add_argument("--timeout", type=float, help="Seconds before CMD's group gets SIGTERM (then SIGKILL)")
     parser.add_argument("--grace", type=float, default=10.0, help="Seconds between SIGTERM and SIGKILL")
+    parser.add_argument("--done-fd", type=int, help="A pipe on which to say that CMD's processes are gone")
     parser.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(f"gpu-compete: supervisor {args.uni_id}")
+    except ImportError:  # pragma: no cover - a dependency, but never worth failing a task over
+        pass
     cmd = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
     import json
 
     result = run(cmd, args.uni_id, args.registry, args.log, quiet=args.quiet,
                  history=args.history, meta=json.loads(args.meta), title=args.title, timeout_s=args.timeout,
-                 grace_s=args.grace)
+                 grace_s=args.grace, done_fd=args.done_fd)
     return result.returncode
 
 

@@ -257,3 +257,35 @@ def test_status_is_printed_every_status_every_seconds(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("QUEUE  STATUS") >= 3  # at least two while running, and the final one
     assert "BUSY" in done.stdout and "DONE" in done.stdout
+
+
+def test_a_gpu_goes_to_another_queue_once_its_task_is_gone_before_the_outcome_is_written(tmp_path):
+    """The supervisor says its task's processes are all gone before it writes the outcome. With
+    the registry's lock held, so that no outcome can be written, another queue's task still
+    starts on the GPU the first one left; its own queue would wait for the outcome."""
+    import fcntl
+    import os
+
+    blocks = [("1", 10, "a", 1.5, "ok"), ("1", 10, "a2", 0.2, "ok"), ("2", 10, "b", 0.2, "ok")]
+    run = DaemonRun(tmp_path, blocks, simulate="1x24")  # queue 1 is longer: it goes first
+    run.start()
+    run.wait_started("a")
+    a = run.names["a"]
+    # Both of a's writers (supervisor and daemon) and its peak VRAM are in: nothing more is
+    # written for it until it ends.
+    wait_for(lambda: {"exec_pid", "supervisor_pid", "peak_vram_gb"} <= set(run.registry().get(a, {})), 10,
+             "a's record to be complete")
+    fd = os.open(run.state / "uni_id.json.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        run.wait_started("b", timeout=15)
+        assert run.registry()[a]["state"] == "running"  # a's outcome still waits for the lock
+    finally:
+        os.close(fd)
+    code, _, err = run.wait()
+    assert code == 0, err
+    attempts = run.attempts()
+    assert [x.uni_id for x in attempts] == [a, run.names["b"], run.names["a2"]]
+    assert_exclusive(attempts)
+    assert_queue_order(attempts, queues_of(run, blocks))
+    assert_each_succeeded_once(attempts, list(run.names.values()))
