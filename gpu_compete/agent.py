@@ -1,0 +1,287 @@
+"""The node agent: everything of a run that touches one machine's processes and GPUs.
+
+A coordinator decides what runs where; an agent probes its node's GPUs, starts the
+supervisors it is told to start, says how each of its tasks is doing, ends tasks on request
+and serves their logs. It decides nothing. Its calls take and return plain values
+(`GpuSnapshot`s, `TaskSpec`s, dicts), so the same class runs in-process or as a Ray actor
+pinned to its node (`cluster.py`).
+
+Files: the node keeps its registry and logs in `<state_dir>/nodes/<node>/` on its own disk
+(wrapped scripts there register locally, as on one machine). The directory is also the
+namespace that identifies our processes, so "nodes" that are one machine (as in tests) never
+take each other's tasks, nor see each other's simulated GPUs.
+
+An agent is served by Ray on two threads: `observe` may wait for something to happen while
+`launch` and `kill` go on. Supervisors are spawned as new interpreters, never forked from a
+process with threads.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from . import evidence, launcher, procs, stopping
+from .gpus import open_probe
+from .gpus.base import GpuSnapshot
+from .placing import descends
+from .registry import Registry, RegistryError, private_dirs
+from .tasks import TaskSpec
+from .timefmt import iso
+
+#: How often a wait looks at its supervisors where the kernel has no pidfd to wait on.
+_POLL_S = 0.1
+
+
+def node_dir(state_dir: str | os.PathLike[str], node: str) -> Path:
+    return Path(state_dir) / "nodes" / node
+
+
+class Agent:
+    def __init__(self, node: str, state_dir: str, work_dir: str, simulate: str | None = None, gpus: str = "all",
+                 kill_grace: float = 10.0):
+        self.node = node
+        self.state = node_dir(state_dir, node).resolve()
+        private_dirs(self.state / "logs")
+        self.paths = launcher.LaunchPaths(Path(work_dir), self.state, self.state / "uni_id.json",
+                                          self.state / "history.jsonl")
+        self.namespace = str(self.state)
+        self.registry = Registry(self.paths.registry)
+        self.probe = open_probe(simulate=simulate, gpus=gpus, namespace=self.namespace)
+        self.kill_grace = kill_grace
+        self.children: dict[str, launcher.Child] = {}
+        self.exits: dict[str, int] = {}  # uid -> a pidfd of its supervisor (readable once it exits)
+        self.lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    # --- the three calls ----------------------------------------------------------------------
+
+    def ping(self) -> dict[str, Any]:
+        return {"node": self.node, "pid": os.getpid(), "state_dir": str(self.state)}
+
+    def snapshot(self) -> list[GpuSnapshot]:
+        """This node's GPUs, named `node/key`."""
+        return [_named(s, self.node) for s in self.probe.snapshot()]
+
+    def launch(self, spec: TaskSpec, keys: list[str], cuda_visible: list[str], attempt: int, retry_count: int,
+               timeout_s: float | None = None) -> dict[str, Any]:
+        """Start a supervisor for the task on these local GPU keys; its registry record is
+        written here (the node's registry), as the single-machine daemon writes it."""
+        with self.lock:
+            child = launcher.spawn(spec, keys[0], attempt, self.paths, cuda_visible=",".join(cuda_visible),
+                                   gpus=tuple(keys) if len(keys) > 1 else (), timeout_s=timeout_s,
+                                   grace_s=self.kill_grace, node=self.node)
+            self.children[spec.uni_id] = child
+            try:
+                self.exits[spec.uni_id] = os.pidfd_open(child.pid)
+            except OSError:  # an old kernel: the wait polls instead
+                pass
+            created = procs.create_time(child.pid)
+            now = iso(time.time())
+            fields = {"state": "running", "retry_count": retry_count, "gpu": keys[0], "node": self.node,
+                      "queue": spec.queue, "attempt": attempt, "supervisor_pid": child.pid,
+                      "supervisor_create_time": created, "started_at": now, "updated_at": now}
+            uid = spec.uni_id
+
+            def change(data: dict[str, Any]) -> None:
+                old = data.get(uid) if isinstance(data.get(uid), dict) else {}
+                if old.get("exec_pid") == child.pid:  # the supervisor wrote first: its fields stay
+                    data[uid] = {**old, **{k: v for k, v in fields.items() if k != "state"}}
+                else:
+                    data[uid] = {**fields, "pid": child.pid, "create_time": created}
+
+            try:
+                self.registry.update(change)
+            except RegistryError:
+                pass  # the supervisor records the task itself; its outcome does not depend on this
+        self._wake()
+        return {"pid": child.pid, "create_time": created, "started_at": now}
+
+    def observe(self, expected: list[str], wait_s: float = 0.0) -> dict[str, Any]:
+        """How this node's tasks are doing, and its GPUs now. Waits up to `wait_s` for a task
+        of ours to end (returns at once when one has), so the coordinator hears of a freed GPU
+        within milliseconds without asking every few milliseconds.
+
+        Returns {"node", "snapshots", "tasks": {uid: {...}}}, a task being
+        `{"state": "running", "confirmed": bool, "gone": bool}` (gone: its processes have
+        ended and its outcome is being written: its GPU is free), or `{"state": "ended",
+        "outcome": "normal_exit" | "abnormal_exit" | "lost", "error_type", "exit_status", ...}`.
+        A uid this node knows nothing of is `{"state": "unknown"}`."""
+        self._wait(wait_s)
+        with self.lock:
+            snapshots = self.probe.snapshot()
+            try:
+                records = self.registry.read()
+            except RegistryError:
+                records = {}
+            tasks = {uid: self._how(uid, records.get(uid), snapshots) for uid in {*expected, *self.children}}
+        return {"node": self.node, "snapshots": [_named(s, self.node) for s in snapshots], "tasks": tasks}
+
+    def find(self, uni_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Which of these tasks an earlier coordinator started here and that still run, or ended
+        with no outcome taken yet (their record still says running): a restarted coordinator
+        adopts them rather than start them again."""
+        try:
+            records = self.registry.read()
+        except RegistryError:
+            records = {}
+        wanted = set(uni_ids)
+        live = evidence.live_task_processes(wanted, self.namespace)
+        found = {}
+        for uid in wanted:
+            record = records.get(uid)
+            running = record is not None and record.get("state") == "running"
+            if uid in live or running or evidence.supervisor_running(launcher.log_path(self.state, uid)):
+                found[uid] = {"gpu": (record or {}).get("gpu", live.get(uid, {}).get("gpu")),
+                              "retry_count": (record or {}).get("retry_count", 0),
+                              "attempt": (record or {}).get("attempt")}
+        return found
+
+    def kill(self, uni_ids: list[str]) -> None:
+        """End these tasks' processes (SIGTERM, SIGKILL after the grace period); only
+        processes we started, by their recorded identity or their environment."""
+        try:
+            records = self.registry.read()
+        except RegistryError:
+            records = {}
+        chosen = [records.get(uid) or {} for uid in uni_ids]
+
+        def reap() -> None:
+            with self.lock:
+                for child in self.children.values():
+                    child.poll()
+
+        stopping.end_tasks(chosen, self.kill_grace, reap)
+        for uid in uni_ids:
+            procs.kill_all(procs.processes_with_env(**{evidence.UNI_ID_ENV: uid, evidence.NAMESPACE_ENV: self.namespace}))
+
+    def log(self, uni_id: str, tail_bytes: int | None = None) -> str | None:
+        path = launcher.log_path(self.state, uni_id)
+        try:
+            with open(path, "rb") as fh:
+                if tail_bytes is not None:
+                    fh.seek(max(0, os.fstat(fh.fileno()).st_size - tail_bytes))
+                return fh.read().decode("utf-8", "replace")
+        except OSError:
+            return None
+
+    # --- inside -------------------------------------------------------------------------------
+
+    def _how(self, uid: str, record: dict[str, Any] | None, snapshots: list[GpuSnapshot]) -> dict[str, Any]:
+        """One task's state, from the best evidence (as the single-machine daemon decides it)."""
+        child = self.children.get(uid)
+        if child is not None:
+            if child.done_fd is not None:
+                child.read_done()
+            rc = child.poll()
+            if rc is None:
+                return {"state": "running", "confirmed": self._confirmed(uid, record, snapshots),
+                        "gone": child.worker_done}
+            self._forget(uid)
+            said = evidence.wrapper_ending(record, child.pid)
+            if (said and said.state == "normal_exit") or (rc == 0 and not said):
+                return self._ended("normal_exit", None, record, rc)
+            if rc < 0 and not said:
+                self._leftovers(uid, record)
+                return self._ended("lost", "lost", record, rc, why=f"its supervisor was killed by signal {-rc}")
+            tail = evidence.log_tail(launcher.log_path(self.state, uid))
+            return self._ended("abnormal_exit", evidence.error_type(record, tail, uid, rc, child.pid), record, rc)
+        # Not started by this agent (an earlier agent or coordinator did): the record, the
+        # supervisor's lock on its log and the log's end line tell.
+        if record is None and not launcher.log_path(self.state, uid).exists():
+            return {"state": "unknown"}
+        sup = (record or {}).get("supervisor_pid")
+        said = evidence.wrapper_ending(record, sup if procs.is_pid(sup) else None)
+        if said is not None:
+            tail = evidence.log_tail(launcher.log_path(self.state, uid)) if said.state != "normal_exit" else ""
+            error = None if said.state == "normal_exit" else evidence.error_type(record, tail, uid, None, sup)
+            return self._ended(said.state, error, record, (record or {}).get("exit_status"))
+        if ((record and evidence.record_alive(record, uid, self.namespace))
+                or evidence.supervisor_running(launcher.log_path(self.state, uid))):
+            return {"state": "running", "confirmed": self._confirmed(uid, record, snapshots), "gone": False}
+        tail = evidence.log_tail(launcher.log_path(self.state, uid))
+        ended = evidence.supervisor_ending(tail, uid)
+        if ended is not None:
+            error = None if ended.state == "normal_exit" else evidence.error_type(record, tail, uid)
+            return self._ended(ended.state, error, record, (record or {}).get("exit_status"))
+        self._leftovers(uid, record)
+        return self._ended("lost", "lost", record, None, why="its process died without recording how it ended")
+
+    def _ended(self, outcome: str, error_type: str | None, record: dict[str, Any] | None, rc: int | None,
+               why: str | None = None) -> dict[str, Any]:
+        record = record or {}
+        return {"state": "ended", "outcome": outcome, "error_type": error_type, "exit_status": rc, "why": why,
+                "started_at": record.get("started_at"), "ended_at": record.get("ended_at"),
+                "peak_vram_gb": record.get("peak_vram_gb")}
+
+    def _confirmed(self, uid: str, record: dict[str, Any] | None, snapshots: list[GpuSnapshot]) -> bool:
+        record = record or {}
+        roots = {p for p in (record.get("supervisor_pid"), record.get("pid")) if procs.is_pid(p)}
+        child = self.children.get(uid)
+        if child is not None:
+            roots.add(child.pid)
+        keys = {str(record.get("gpu"))} | {str(k) for k in record.get("gpus") or ()}
+        return any(descends(p.pid, roots) for s in snapshots if s.key in keys for p in s.processes)
+
+    def _leftovers(self, uid: str, record: dict[str, Any] | None) -> None:
+        """What a dead supervisor left behind is ended before the task runs again anywhere."""
+        procs.signal_group(*stopping.worker_group(record or {}), signal.SIGKILL)
+        procs.kill_all(procs.processes_with_env(**{evidence.UNI_ID_ENV: uid, evidence.NAMESPACE_ENV: self.namespace}))
+
+    def _forget(self, uid: str) -> None:
+        child = self.children.pop(uid, None)
+        if child is not None:
+            child.close_done()
+        fd = self.exits.pop(uid, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"w")
+        except BlockingIOError:
+            pass
+
+    def _wait(self, wait_s: float) -> None:
+        """Until a task of ours says it is gone or exits, or `wait_s` ends (a launch meanwhile
+        adds its task to what is waited on)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self.lock:
+                fds, polling = [self._wake_r], False
+                for uid, child in self.children.items():
+                    if child.done_fd is not None:
+                        fds.append(child.done_fd)
+                    if uid in self.exits:
+                        fds.append(self.exits[uid])
+                    else:
+                        polling = True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            ready, _, _ = select.select(fds, [], [], min(remaining, _POLL_S) if polling else remaining)
+            if self._wake_r in ready:
+                try:
+                    while os.read(self._wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+            if any(fd != self._wake_r for fd in ready):
+                return
+            if polling and not ready:
+                with self.lock:
+                    if any(c.poll() is not None for c in self.children.values()):
+                        return
+
+
+def _named(snap: GpuSnapshot, node: str) -> GpuSnapshot:
+    from dataclasses import replace
+
+    return replace(snap, key=f"{node}/{snap.key}")

@@ -1,0 +1,350 @@
+"""The coordinator of a run across a Ray cluster (`gpu-compete run --ray ADDRESS`).
+
+It holds what is global: the queues, the pure policy, the retry budget and the history (the
+record of completions, in the state directory where it runs). Everything that touches a
+machine is done by that machine's agent (`agent.py`), reached through `cluster.Agents`: a
+GPU is named `node/index`, and a plan over every node's GPUs becomes a `launch` call to the
+chosen node's agent.
+
+Each agent always has one `observe` call in flight, which returns as soon as a task of that
+node ends (or says its processes are gone) or after `--poll` seconds: a GPU that frees on any
+node is planned for within milliseconds, and no node is asked more often than it has news.
+
+Failures: an agent that dies while its node lives is started again at once and adopts its
+tasks (they run under their own supervisors, not under the agent). A node that leaves the
+cluster, or whose agent does not answer for `--node-timeout` seconds, has its running tasks
+counted lost and retried elsewhere; if it comes back with one still running, that copy is
+adopted again when the task has not started elsewhere yet, and ended otherwise, so nothing
+runs twice.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from typing import Any, Callable
+
+import structlog
+
+from . import journal, status
+from .classify import is_permanent
+from .daemon import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, Config
+from .gpus.base import GpuSnapshot, current_user
+from .hostguard import GuardWatch
+from .policy import Placement, build_views, candidates, lease_active, plan_round, queue_status
+from .tasks import Queue, Task, TaskSpec, TaskState, group_queues
+from .timefmt import iso
+from .wakeloop import WakeLoop
+
+log = structlog.get_logger("gpu_compete")
+
+
+def split_key(key: str) -> tuple[str, str]:
+    node, _, local = key.rpartition("/")
+    return node, local
+
+
+class Coordinator:
+    def __init__(self, config: Config, specs: list[TaskSpec], agents: Any, *, node_timeout: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 rng: random.Random | None = None, out: Callable[[str], None] = print):
+        self.config, self.agents, self.node_timeout = config, agents, node_timeout
+        self.clock, self.wall = clock, wall
+        self.rng = rng or random.Random(config.seed)
+        self.out = out
+        self.user = current_user()
+        self.queues = {q: Queue(Task(s) for s in ss) for q, ss in group_queues(specs).items()}
+        self.tasks: dict[str, Task] = {t.uni_id: t for q in self.queues.values() for t in q}
+        self.where: dict[str, str] = {}  # running task -> its node
+        self.gone: set[str] = set()  # running tasks whose processes have ended (GPU free)
+        self.abandoned: dict[str, str] = {}  # task counted lost with its node -> that node
+        self.node_snapshots: dict[str, list[GpuSnapshot]] = {}
+        self.inflight: dict[str, tuple[Any, float]] = {}  # node -> (its observe call, when asked)
+        self.ghosts: dict[int, float] = {}
+        self.waiting_why: dict[str, str] = {}
+        self.guard = GuardWatch(config.guard, config.work_dir, lambda: iso(self.wall()))
+        self.draining = self.force = self.status_requested = False
+        self.next_status = 0.0
+
+    @property
+    def snapshots(self) -> list[GpuSnapshot]:
+        return [s for snaps in self.node_snapshots.values() for s in snaps]
+
+    # --- start-up ---------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Completions and give-ups from the history; tasks an earlier coordinator started and
+        that still run (or ended unseen) are found on their nodes and adopted."""
+        past = list(journal.entries(self.config.history)) if self.config.history.exists() else []
+        done = set() if self.config.fresh else journal.completed(past)
+        gave_up = {} if self.config.fresh else journal.failed_for_good(past)
+        for entry in past:
+            task = self.tasks.get(entry.get("uni_id"))
+            if task is not None and entry.get("state") == "abnormal_exit" and not self.config.fresh:
+                task.retry_count = max(task.retry_count, int(entry.get("attempt") or 0))
+        for uid, task in self.tasks.items():
+            if uid in done:
+                task.state = TaskState.COMPLETED
+            elif uid in gave_up:
+                task.state, task.error_type = TaskState.FAILED, gave_up[uid].get("error_type")
+        self.agents.refresh()
+        open_ = [u for u, t in self.tasks.items() if t.state not in (TaskState.COMPLETED, TaskState.FAILED)]
+        found = self.agents.call_all("find", open_, timeout=self.node_timeout)
+        now = self.clock()
+        for node, result in found.items():
+            if isinstance(result, Exception):
+                log.warning("node did not answer at start-up", node=node, error=str(result))
+                continue
+            for uid, info in result.items():
+                self._adopt(self.tasks[uid], node, info, now)
+
+    def _adopt(self, task: Task, node: str, info: dict[str, Any], now: float) -> None:
+        task.state, task.adopted, task.launched_at, task.confirmed = TaskState.RUNNING, True, now, False
+        task.gpu = f"{node}/{info.get('gpu')}" if info.get("gpu") is not None else None
+        self.where[task.uni_id] = node
+        log.info("adopted running task", uni_id=task.uni_id, node=node, gpu=task.gpu)
+
+    # --- one round --------------------------------------------------------------------------
+
+    def tick(self, wait_s: float) -> None:
+        """Hear from the agents (waiting up to `wait_s` for news), then plan and launch."""
+        now = self.clock()
+        for node in self.agents.refresh():
+            self._joined(node)
+        for node in (set(self.inflight) | set(self.node_snapshots) | set(self.where.values())) - set(self.agents.nodes):
+            self.inflight.pop(node, None)
+            self._node_gone(node, "its node left the cluster", now)
+        self._ask_all()
+        for node, result in self.agents.gather(self.inflight, wait_s):
+            del self.inflight[node]
+            if isinstance(result, Exception):
+                self._agent_failed(node, result, self.clock())
+            else:
+                self._heard(node, result, self.clock())
+        now = self.clock()
+        for node, (_, asked) in list(self.inflight.items()):
+            if now - asked > self.config.poll + self.node_timeout:
+                self.inflight.pop(node)
+                self.agents.forget(node)
+                self._node_gone(node, f"its agent did not answer for {self.node_timeout:g} s", now)
+        if not self.draining and not self.force:
+            self._plan_and_launch(now)
+        self._write_status()
+
+    def _ask_all(self) -> None:
+        for node in self.agents.nodes:
+            if node not in self.inflight:
+                expected = [u for u, n in self.where.items() if n == node]
+                self.inflight[node] = (self.agents.submit(node, "observe", expected, self.config.poll), self.clock())
+
+    def _heard(self, node: str, result: dict[str, Any], now: float) -> None:
+        self.node_snapshots[node] = result["snapshots"]
+        for uid, how in result["tasks"].items():
+            task = self.tasks.get(uid)
+            if task is None or self.where.get(uid) != node:
+                if how["state"] == "running" and uid in self.tasks:
+                    self._stray(uid, node, now)
+                continue
+            if how["state"] == "running":
+                task.confirmed = task.confirmed or how["confirmed"]
+                if how["gone"]:
+                    self.gone.add(uid)
+            elif how["state"] == "ended":
+                self._ended(task, node, how, now)
+            else:  # the node knows nothing of it: its agent never started it
+                self._failed(task, node, "lost", now, note="its node has no trace of it")
+
+    def _joined(self, node: str) -> None:
+        log.info("node joined", node=node)
+        back = [u for u, n in self.abandoned.items() if n == node]
+        if not back:
+            return
+        try:
+            found = self.agents.call(node, "find", back, timeout=self.node_timeout)
+        except Exception as exc:  # noqa: BLE001 - a node that fails again is handled next round
+            log.warning("returning node did not answer", node=node, error=str(exc))
+            return
+        now = self.clock()
+        for uid in back:
+            self.abandoned.pop(uid, None)
+            if uid in found:
+                self._stray(uid, node, now, found[uid])
+
+    def _stray(self, uid: str, node: str, now: float, info: dict[str, Any] | None = None) -> None:
+        """A copy of a task running on a node we had given up on: adopted again if the task
+        has not started anywhere since, ended otherwise (never two copies)."""
+        task = self.tasks[uid]
+        if task.state in (TaskState.PENDING, TaskState.RETRY):
+            log.warning("task found still running on a node that came back; adopting it", uni_id=uid, node=node)
+            self._adopt(task, node, info or {}, now)
+        elif self.where.get(uid) != node:
+            log.warning("task found running on a node that came back while it runs or ran elsewhere; "
+                        "ending that copy", uni_id=uid, node=node)
+            self.agents.submit(node, "kill", [uid])
+
+    def _agent_failed(self, node: str, exc: Exception, now: float) -> None:
+        """A dead agent on a live node is replaced at once (the next refresh starts a new one,
+        which adopts the node's tasks); a dead node's tasks are lost."""
+        self.agents.forget(node)
+        if node in self.agents.alive():
+            log.warning("agent died; starting a new one, which adopts its tasks", node=node, error=str(exc))
+            return
+        self._node_gone(node, f"its node died ({exc})", now)
+
+    def _node_gone(self, node: str, why: str, now: float) -> None:
+        self.node_snapshots.pop(node, None)
+        lost = [t for u, t in self.tasks.items() if self.where.get(u) == node]
+        if lost:
+            log.error("node gone; its running tasks are lost and run again elsewhere", node=node, why=why,
+                      tasks=[t.uni_id for t in lost])
+        for task in lost:
+            self.abandoned[task.uni_id] = node
+            self._failed(task, node, "lost", now, note=why)
+
+    # --- outcomes ---------------------------------------------------------------------------
+
+    def _ended(self, task: Task, node: str, how: dict[str, Any], now: float) -> None:
+        if how["outcome"] == "normal_exit":
+            self._release(task, now)
+            task.state, task.error_type = TaskState.COMPLETED, None
+            self._append({"uni_id": task.uni_id, "state": "normal_exit", "queue": task.spec.queue,
+                          "node": node, "gpu": task.gpu, "attempt": task.retry_count + 1,
+                          "exit_status": how.get("exit_status"), "start": how.get("started_at"),
+                          "end": how.get("ended_at") or iso(self.wall()), "peak_vram_gb": how.get("peak_vram_gb"),
+                          "by": "coordinator"})
+            log.info("task completed", uni_id=task.uni_id, queue=task.spec.queue, gpu=task.gpu)
+        else:
+            self._failed(task, node, how.get("error_type") or "unknown", now, note=how.get("why"),
+                         how=how)
+
+    def _failed(self, task: Task, node: str, error_type: str, now: float, note: str | None = None,
+                how: dict[str, Any] | None = None) -> None:
+        self._release(task, now)
+        permanent = is_permanent(error_type) and not self.config.retry_permanent
+        decision = self.config.retry.after_failure(task.retry_count, now, max_retries=task.spec.retries,
+                                                   permanent=permanent)
+        task.retry_count, task.error_type = decision.retry_count, error_type
+        entry = {"uni_id": task.uni_id, "state": "abnormal_exit", "error_type": error_type, "queue": task.spec.queue,
+                 "node": node, "gpu": task.gpu, "attempt": decision.retry_count,
+                 "exit_status": (how or {}).get("exit_status"), "start": (how or {}).get("started_at"),
+                 "end": (how or {}).get("ended_at") or iso(self.wall())}
+        if decision.action == "give_up":
+            task.state = TaskState.FAILED
+            entry["gave_up"] = True
+            log.error("task failed for good; its queue is blocked", uni_id=task.uni_id, error_type=error_type,
+                      node=node, note=note)
+        else:
+            task.state, task.retry_at = TaskState.RETRY, decision.at
+            log.warning("task failed; will retry", uni_id=task.uni_id, error_type=error_type, node=node,
+                        retry_in_s=round(decision.at - now, 1), note=note)
+        self._append(entry)
+
+    def _release(self, task: Task, now: float) -> None:
+        self.where.pop(task.uni_id, None)
+        self.gone.discard(task.uni_id)
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        try:
+            journal.append(self.config.history, entry)
+        except OSError as exc:
+            log.error("cannot append to the history", error=str(exc))
+
+    # --- planning ---------------------------------------------------------------------------
+
+    def placements(self, now: float) -> list[Placement]:
+        return [Placement(key, t.need_bytes, lease_active(t, now, self.config.settle))
+                for t in self.tasks.values() if t.state is TaskState.RUNNING and t.uni_id not in self.gone
+                for key in t.gpu_keys]
+
+    def _plan_and_launch(self, now: float) -> None:
+        cands = candidates(self.queues, now)
+        if not cands or not self.node_snapshots:
+            return
+        views = build_views(self.snapshots, self.placements(now), self.user,
+                            topology={s.key: s.group for s in self.snapshots if s.group is not None})
+        # A gpus=N task's GPUs must be on one node: the topology groups are per node.
+        views = [v for v in views]
+        snaps = {s.key: s for s in self.snapshots}
+        plan = plan_round(cands, views, self.rng, self.config.exclusive, self.config.pick)
+        for launch in plan:
+            nodes = {split_key(k)[0] for k in launch.gpus}
+            if len(nodes) != 1:
+                continue  # a gpus=N task across nodes: not placed (it waits for N on one node)
+            self._launch(self.tasks[launch.uni_id], nodes.pop(), [snaps[k] for k in launch.gpus], now)
+
+    def _launch(self, task: Task, node: str, snaps: list[GpuSnapshot], now: float) -> None:
+        attempt = task.retry_count + 1
+        keys = [split_key(s.key)[1] for s in snaps]
+        timeout = task.spec.timeout_s if task.spec.timeout_s is not None else self.config.timeout_s
+        try:
+            self.agents.call(node, "launch", task.spec, keys, [s.cuda_visible for s in snaps], attempt,
+                             task.retry_count, timeout, timeout=self.node_timeout)
+        except Exception as exc:  # noqa: BLE001 - the node's trouble is found by its next observe
+            log.error("cannot start task", uni_id=task.uni_id, node=node, error=str(exc))
+            return
+        task.state, task.gpu, task.launched_at, task.confirmed, task.adopted = (
+            TaskState.RUNNING, snaps[0].key, now, False, False)
+        task.gpus = tuple(s.key for s in snaps) if len(snaps) > 1 else ()
+        self.where[task.uni_id] = node
+        log.info("task started", uni_id=task.uni_id, queue=task.spec.queue, gpu=task.gpu, attempt=attempt)
+
+    # --- status and the loop ----------------------------------------------------------------
+
+    def view(self) -> dict[str, Any]:
+        return status.build(self, self.clock(), {})
+
+    def _write_status(self, ending: int | None = None) -> None:
+        try:
+            status.write_json(self.config.state_dir / "status.json", self.view())
+        except OSError as exc:
+            log.warning("cannot write status.json", error=str(exc))
+
+    def finished(self) -> bool:
+        running = any(t.state is TaskState.RUNNING for t in self.tasks.values())
+        if self.draining:
+            return not running
+        return all(queue_status(q, self.queues) in ("DONE", "BLOCKED") for q in self.queues.values())
+
+    def exit_code(self) -> int:
+        states = {t.state for t in self.tasks.values()}
+        if states <= {TaskState.COMPLETED, TaskState.SKIPPED}:
+            return EXIT_OK
+        if all(queue_status(q, self.queues) in ("DONE", "BLOCKED") for q in self.queues.values()):
+            return EXIT_FAILED
+        return EXIT_STOPPED
+
+    def on_signal(self, signum: int) -> None:
+        if signum in (signal.SIGINT, signal.SIGTERM):
+            if self.draining:
+                self.force = True
+            self.draining = True
+        elif signum == signal.SIGUSR2:
+            self.draining = self.force = True
+        elif signum == signal.SIGUSR1:
+            self.status_requested = True
+
+    def run(self) -> int:
+        with WakeLoop(self.on_signal, self.clock):
+            while True:
+                self.tick(self.config.poll)
+                if self.status_requested or (self.config.status_every > 0 and self.clock() >= self.next_status):
+                    self.status_requested = False
+                    self.next_status = self.clock() + self.config.status_every
+                    self.out(status.render(self.view()))
+                if self.force:
+                    running = [u for u, t in self.tasks.items() if t.state is TaskState.RUNNING]
+                    for node in {self.where[u] for u in running if u in self.where}:
+                        try:
+                            self.agents.call(node, "kill", [u for u in running if self.where.get(u) == node],
+                                             timeout=self.config.kill_grace + self.node_timeout)
+                        except Exception as exc:  # noqa: BLE001
+                            log.error("cannot end tasks on node", node=node, error=str(exc))
+                    for uid in running:
+                        self.tasks[uid].state = TaskState.RETRY
+                    break
+                if self.finished():
+                    break
+        self._write_status(ending=self.exit_code())
+        self.out(status.render(self.view()))
+        return self.exit_code()

@@ -1,0 +1,174 @@
+"""The coordinator over several nodes, without Ray: real agents and real task processes, each
+"node" a directory of its own on this machine (`LocalAgents`). Ray's part (membership,
+actors, RPC) is tested in test_cluster.py; what the coordinator decides is tested here."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from gpu_compete.agent import Agent
+from gpu_compete.commandfile import parse
+from gpu_compete.coordinator import Coordinator
+from gpu_compete.daemon import Config
+from gpu_compete.local_agents import LocalAgents
+from gpu_compete.policy import RetryPolicy
+from gpu_compete.tasks import TaskState
+
+from .daemon_harness import Attempt, assert_each_succeeded_once, assert_exclusive, assert_queue_order
+
+TASK_SH = r"""#!/bin/bash
+# task.sh UNI_ID SECONDS
+here=$(cd "$(dirname "$0")" && pwd)
+echo "start $1 $GPU_COMPETE_NODE/$CUDA_VISIBLE_DEVICES $(date +%s.%N)" >> "$here/events"
+sleep "$2"
+echo "end $1 $GPU_COMPETE_NODE/$CUDA_VISIBLE_DEVICES $(date +%s.%N) 0" >> "$here/events"
+"""
+
+
+class Run:
+    def __init__(self, tmp_path: Path, blocks: list[tuple[str, float]], nodes: list[str], simulate: str = "1x24"):
+        self.dir = tmp_path
+        (tmp_path / "task.sh").write_text(TASK_SH)
+        text = "\n".join(f"bash {{work_dir}}/task.sh {{uni_id}} {secs}\n{queue},8\n" for queue, secs in blocks)
+        self.specs = parse(text).tasks
+        self.config = Config(work_dir=tmp_path, state_dir=tmp_path / "state", registry=tmp_path / "unused.json",
+                             poll=0.5, settle=5, retry=RetryPolicy(3, 0.5, None), status_every=0, seed=1,
+                             kill_grace=1)
+        (tmp_path / "state").mkdir(exist_ok=True)
+        self.simulate = simulate
+        self.agents = self.new_agents(nodes)
+        self.coordinator = self.new_coordinator()
+
+    def new_agents(self, nodes: list[str]) -> LocalAgents:
+        return LocalAgents(lambda node: Agent(node, str(self.dir / "state"), str(self.dir), simulate=self.simulate,
+                                              kill_grace=1), nodes)
+
+    def new_coordinator(self) -> Coordinator:
+        c = Coordinator(self.config, self.specs, self.agents, node_timeout=2, out=lambda _: None)
+        c.resume()
+        return c
+
+    def rounds(self, until=None, timeout: float = 40) -> None:
+        c = self.coordinator
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            c.tick(0.2)
+            if (until() if until else c.finished()):
+                return
+        raise AssertionError("timed out")
+
+    def attempts(self) -> list[Attempt]:
+        try:
+            lines = (self.dir / "events").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        open_: dict[str, Attempt] = {}
+        done = []
+        for line in lines:
+            kind, uid, gpu, at, *rest = line.split()
+            if kind == "start":
+                if uid in open_:
+                    done.append(open_.pop(uid))
+                open_[uid] = Attempt(uid, gpu, float(at))
+            elif uid in open_:
+                a = open_.pop(uid)
+                a.end, a.status = float(at), int(rest[0])
+                done.append(a)
+        return sorted(done + list(open_.values()), key=lambda a: a.start)
+
+    def history(self) -> list[dict]:
+        path = self.dir / "state" / "history.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+    def queues(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for s in self.specs:
+            out.setdefault(s.queue, []).append(s.uni_id)
+        return out
+
+    def running_on(self, node: str) -> list[str]:
+        return [u for u, n in self.coordinator.where.items() if n == node]
+
+
+@pytest.fixture
+def stop_all():
+    runs: list[Run] = []
+    yield runs.append
+    for run in runs:
+        for node, agent in list(run.agents._agents.items()):
+            agent.kill(list(agent.children))
+        run.agents.shutdown_all()
+
+
+def test_queues_spread_over_two_nodes_in_order_and_each_task_runs_once(tmp_path, stop_all):
+    run = Run(tmp_path, [("1", 0.4), ("1", 0.4), ("2", 0.4), ("2", 0.4), ("3", 0.4)], ["n1", "n2"], simulate="1x24")
+    stop_all(run)
+    run.rounds()
+    attempts = run.attempts()
+    assert {a.gpu for a in attempts} == {"n1/0", "n2/0"}
+    assert_exclusive(attempts)
+    assert_queue_order(attempts, run.queues())
+    assert_each_succeeded_once(attempts, [s.uni_id for s in run.specs])
+    done = [h for h in run.history() if h["state"] == "normal_exit"]
+    assert len(done) == 5 and {h["node"] for h in done} == {"n1", "n2"}
+    assert all(h["gpu"].startswith(h["node"] + "/") for h in done)
+    assert run.coordinator.exit_code() == 0
+
+
+def test_a_node_that_leaves_has_its_tasks_run_elsewhere_and_a_copy_that_comes_back_is_ended(tmp_path, stop_all):
+    run = Run(tmp_path, [("1", 3.0), ("2", 0.3)], ["n1", "n2"], simulate="1x24")
+    stop_all(run)
+    run.rounds(until=lambda: run.running_on("n1") and run.running_on("n2"))
+    victim = run.running_on("n1")[0]
+    if victim != run.specs[0].uni_id:  # make the long task the one that loses its node
+        victim = run.running_on("n2")[0]
+        gone, other = "n2", "n1"
+    else:
+        gone, other = "n1", "n2"
+    run.agents.remove(gone)
+    run.rounds(until=lambda: run.coordinator.where.get(victim) == other)
+    assert [h["error_type"] for h in run.history() if h["uni_id"] == victim] == ["lost"]
+    run.agents.add(gone)  # it comes back, the first copy still running there
+    run.rounds()
+    attempts = [a for a in run.attempts() if a.uni_id == victim]
+    assert [a.gpu.split("/")[0] for a in attempts] == [gone, other]
+    assert attempts[0].status is None  # the first copy was ended, not run to its end
+    assert [a.status for a in attempts[1:]] == [0]
+    assert sum(h["state"] == "normal_exit" for h in run.history() if h["uni_id"] == victim) == 1
+
+
+def test_an_agent_that_dies_on_a_live_node_is_replaced_and_its_task_adopted(tmp_path, stop_all):
+    run = Run(tmp_path, [("1", 1.5)], ["n1"], simulate="1x24")
+    stop_all(run)
+    run.rounds(until=lambda: run.running_on("n1"))
+    run.agents.kill_agent("n1")
+    run.rounds()
+    assert len(run.attempts()) == 1 and run.attempts()[0].status == 0
+    assert [h["state"] for h in run.history()] == ["normal_exit"]
+
+
+def test_a_restarted_coordinator_adopts_what_runs_and_runs_nothing_twice(tmp_path, stop_all):
+    run = Run(tmp_path, [("1", 0.2), ("1", 1.5), ("2", 1.5)], ["n1", "n2"], simulate="1x24")
+    stop_all(run)
+    run.rounds(until=lambda: len(run.attempts()) == 3)
+    # The coordinator is gone (as after kill -9); the agents and their tasks live on.
+    run.coordinator = run.new_coordinator()
+    assert sum(t.state is TaskState.RUNNING for t in run.coordinator.tasks.values()) == 2
+    run.rounds()
+    attempts = run.attempts()
+    assert_each_succeeded_once(attempts, [s.uni_id for s in run.specs])
+    assert len(attempts) == 3
+
+
+def test_a_node_that_joins_is_used_from_the_next_round(tmp_path, stop_all):
+    run = Run(tmp_path, [("1", 1.0), ("2", 1.0), ("3", 1.0)], ["n1"], simulate="1x24")
+    stop_all(run)
+    run.rounds(until=lambda: run.running_on("n1"))
+    run.agents.add("n2")
+    run.rounds()
+    assert "n2/0" in {a.gpu for a in run.attempts()}
+    assert_exclusive(run.attempts())
