@@ -12,8 +12,8 @@ namespace that identifies our processes, so "nodes" that are one machine (as in 
 take each other's tasks, nor see each other's simulated GPUs.
 
 An agent is served by Ray on two threads: `observe` may wait for something to happen while
-`launch` and `kill` go on. Supervisors are spawned as new interpreters, never forked from a
-process with threads.
+`launch` and `kill` go on. Supervisors are forked by a single-threaded fork server
+(`forkserver.py`), never from this process with threads; they outlive the agent.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from . import evidence, launcher, procs, stopping
+from .forkserver import ForkServer
 from .gpus import open_probe
 from .gpus.base import GpuSnapshot
+from .outcomes import GHOST_S
 from .placing import descends
 from .registry import Registry, RegistryError, private_dirs
 from .tasks import TaskSpec
@@ -54,8 +56,11 @@ class Agent:
         self.registry = Registry(self.paths.registry)
         self.probe = open_probe(simulate=simulate, gpus=gpus, namespace=self.namespace)
         self.kill_grace = kill_grace
-        self.children: dict[str, launcher.Child] = {}
+        self.forks = ForkServer()
+        self.children: dict[str, launcher.Child] = {}  # supervisors this agent started
         self.exits: dict[str, int] = {}  # uid -> a pidfd of its supervisor (readable once it exits)
+        self.gpu_pids: dict[str, set[int]] = {}  # pids of each running task seen on its GPUs
+        self.ghosts: dict[int, float] = {}  # pid of an ended task -> until when it is not counted
         self.lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -75,13 +80,16 @@ class Agent:
         """Start a supervisor for the task on these local GPU keys; its registry record is
         written here (the node's registry), as the single-machine daemon writes it."""
         with self.lock:
-            child = launcher.spawn(spec, keys[0], attempt, self.paths, cuda_visible=",".join(cuda_visible),
-                                   gpus=tuple(keys) if len(keys) > 1 else (), timeout_s=timeout_s,
-                                   grace_s=self.kill_grace, node=self.node)
+            pid, done_fd = self.forks.start(spec=spec, gpu=keys[0], attempt=attempt, paths=self.paths,
+                                            cuda_visible=",".join(cuda_visible),
+                                            gpus=tuple(keys) if len(keys) > 1 else (), timeout_s=timeout_s,
+                                            grace_s=self.kill_grace, node=self.node)
+            os.set_blocking(done_fd, False)
+            child = launcher.Child(pid, done_fd)  # the fork server's child, not ours: never waited on here
             self.children[spec.uni_id] = child
             try:
                 self.exits[spec.uni_id] = os.pidfd_open(child.pid)
-            except OSError:  # an old kernel: the wait polls instead
+            except OSError:  # an old kernel, or it has ended already: the wait polls instead
                 pass
             created = procs.create_time(child.pid)
             now = iso(time.time())
@@ -121,8 +129,16 @@ class Agent:
                 records = self.registry.read()
             except RegistryError:
                 records = {}
+            now = time.monotonic()
+            self.ghosts = {pid: until for pid, until in self.ghosts.items() if until > now}
             tasks = {uid: self._how(uid, records.get(uid), snapshots) for uid in {*expected, *self.children}}
-        return {"node": self.node, "snapshots": [_named(s, self.node) for s in snapshots], "tasks": tasks}
+            for uid, how in tasks.items():
+                if how["state"] == "ended" or how.get("gone"):
+                    roots = self._roots(uid, records.get(uid))
+                    for pid in self.gpu_pids.pop(uid, set()) | roots:
+                        self.ghosts[pid] = now + GHOST_S
+        return {"node": self.node, "snapshots": [_named(s, self.node) for s in snapshots], "tasks": tasks,
+                "ghosts": sorted(self.ghosts)}
 
     def find(self, uni_ids: list[str]) -> dict[str, dict[str, Any]]:
         """Which of these tasks an earlier coordinator started here and that still run, or ended
@@ -153,12 +169,7 @@ class Agent:
             records = {}
         chosen = [records.get(uid) or {} for uid in uni_ids]
 
-        def reap() -> None:
-            with self.lock:
-                for child in self.children.values():
-                    child.poll()
-
-        stopping.end_tasks(chosen, self.kill_grace, reap)
+        stopping.end_tasks(chosen, self.kill_grace, lambda: None)  # the kernel reaps the fork server's children
         for uid in uni_ids:
             procs.kill_all(procs.processes_with_env(**{evidence.UNI_ID_ENV: uid, evidence.NAMESPACE_ENV: self.namespace}))
 
@@ -180,20 +191,11 @@ class Agent:
         if child is not None:
             if child.done_fd is not None:
                 child.read_done()
-            rc = child.poll()
-            if rc is None:
+            if not self._exited(uid):
                 return {"state": "running", "confirmed": self._confirmed(uid, record, snapshots),
                         "gone": child.worker_done}
-            self._forget(uid)
-            said = evidence.wrapper_ending(record, child.pid)
-            if (said and said.state == "normal_exit") or (rc == 0 and not said):
-                return self._ended("normal_exit", None, record, rc)
-            if rc < 0 and not said:
-                self._leftovers(uid, record)
-                return self._ended("lost", "lost", record, rc, why=f"its supervisor was killed by signal {-rc}")
-            tail = evidence.log_tail(launcher.log_path(self.state, uid))
-            return self._ended("abnormal_exit", evidence.error_type(record, tail, uid, rc, child.pid), record, rc)
-        # Not started by this agent (an earlier agent or coordinator did): the record, the
+            self._forget(uid)  # ended: the registry and the log say how, as for any supervisor
+        # The supervisor has ended, or was started by an earlier agent: the record, the
         # supervisor's lock on its log and the log's end line tell.
         if record is None and not launcher.log_path(self.state, uid).exists():
             return {"state": "unknown"}
@@ -222,18 +224,35 @@ class Agent:
                 "peak_vram_gb": record.get("peak_vram_gb")}
 
     def _confirmed(self, uid: str, record: dict[str, Any] | None, snapshots: list[GpuSnapshot]) -> bool:
+        """Whether a process of the task's tree shows on its GPU; the pids seen are kept, so
+        they are not counted once the task has ended (NVML lists them a moment longer)."""
+        roots = self._roots(uid, record)
+        keys = {str((record or {}).get("gpu"))} | {str(k) for k in (record or {}).get("gpus") or ()}
+        mine = {p.pid for s in snapshots if s.key in keys for p in s.processes
+                if p.pid not in self.ghosts and descends(p.pid, roots)}
+        if mine:
+            self.gpu_pids.setdefault(uid, set()).update(mine)
+        return bool(mine) or bool(self.gpu_pids.get(uid))
+
+    def _roots(self, uid: str, record: dict[str, Any] | None) -> set[int]:
         record = record or {}
         roots = {p for p in (record.get("supervisor_pid"), record.get("pid")) if procs.is_pid(p)}
         child = self.children.get(uid)
         if child is not None:
             roots.add(child.pid)
-        keys = {str(record.get("gpu"))} | {str(k) for k in record.get("gpus") or ()}
-        return any(descends(p.pid, roots) for s in snapshots if s.key in keys for p in s.processes)
+        return roots
 
     def _leftovers(self, uid: str, record: dict[str, Any] | None) -> None:
         """What a dead supervisor left behind is ended before the task runs again anywhere."""
         procs.signal_group(*stopping.worker_group(record or {}), signal.SIGKILL)
         procs.kill_all(procs.processes_with_env(**{evidence.UNI_ID_ENV: uid, evidence.NAMESPACE_ENV: self.namespace}))
+
+    def _exited(self, uid: str) -> bool:
+        fd = self.exits.get(uid)
+        if fd is not None:
+            return bool(select.select([fd], [], [], 0)[0])
+        child = self.children[uid]
+        return procs.liveness(child.pid) == "dead"  # (a zombie counts as dead)
 
     def _forget(self, uid: str) -> None:
         child = self.children.pop(uid, None)
@@ -277,7 +296,7 @@ class Agent:
                 return
             if polling and not ready:
                 with self.lock:
-                    if any(c.poll() is not None for c in self.children.values()):
+                    if any(self._exited(uid) for uid in self.children):
                         return
 
 

@@ -476,12 +476,19 @@ def _env(name: str) -> str:
               help="Kill an --on-event command still running after this many seconds.")
 @click.option("--follow", is_flag=True, envvar=_env("FOLLOW"),
               help="Don't exit when every task is done: wait for the command file to grow, like tail -f.")
+@click.option("--ray", "ray_address", metavar="ADDRESS", envvar=_env("RAY"),
+              help="Run across the Ray cluster at ADDRESS (host:port, or `auto`): one agent per node, GPUs "
+                   "named node/index. Needs pip install 'gpu-compete[ray]'.")
+@click.option("--node-timeout", default=30.0, type=SECONDS, show_default=True, envvar=_env("NODE_TIMEOUT"),
+              help="With --ray: a node whose agent does not answer for this long is given up; its running "
+                   "tasks are lost and run again elsewhere.")
 def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, state_dir: str,
         registry_file: str | None, poll: float, settle: float, retry_burst: int, backoff: float,
         max_retries: int | None, status_every: float, seed: int | None, pick: str, dry_run: bool,
         simulate: str | None, fresh: bool, timeout: float | None, retry_permanent: bool, oom_growth: float,
         min_free_ram: float | None, min_free_disk: float | None, log_format: str, metrics_port: int | None,
-        metrics_host: str, on_event: str | None, hook_timeout: float, follow: bool) -> None:
+        metrics_host: str, on_event: str | None, hook_timeout: float, follow: bool, ray_address: str | None,
+        node_timeout: float) -> None:
     """Run the command file's queues until every task has completed (or failed for good).
 
     Exit status: 0 all completed, 1 some failed for good, 2 bad input, 130 stopped first.
@@ -510,6 +517,16 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
                     seed=seed, pick=pick, fresh=fresh, on_event=on_event or None, hook_timeout=hook_timeout,
                     timeout_s=timeout, retry_permanent=retry_permanent, oom_growth=oom_growth,
                     guard=HostGuard(min_free_ram, min_free_disk))
+    if ray_address:
+        unsupported = [name for name, value in (("--dry-run", dry_run), ("--follow", follow),
+                                                ("--metrics-port", metrics_port is not None),
+                                                ("--on-event", bool(on_event))) if value]
+        if unsupported:
+            _fail(f"{', '.join(unsupported)} cannot be used with --ray yet")
+        from .cluster_run import run_on_cluster
+
+        sys.exit(run_on_cluster(ray_address, config, parsed.tasks, simulate=simulate, gpu_scope=gpu_scope,
+                                node_timeout=node_timeout, fail=_fail))
     probe = _open_probe(simulate, gpu_scope, namespace=str(state))
     try:
         book = CommandBook(Path(commands_file).resolve(), parsed)

@@ -101,17 +101,32 @@ def _task_over(state: Path, uni_id: str) -> bool:
 @STATE_DIR_OPT
 @click.option("-f", "--follow", is_flag=True, help="Keep printing as the log grows, until the task ends.")
 @click.option("--attempt", type=click.IntRange(min=1), help="Only this attempt (1 is the first run).")
-def logs(uni_id: str, state_dir: str, follow: bool, attempt: int | None) -> None:
-    """Print a task's log (STATE_DIR/logs/UNI_ID.log): every attempt, each opened by a
-    `==== ... start` line and closed by a `==== ... end` line, or only one with --attempt.
-    With -f, follow it like `tail -f` until the task has ended (completed, given up, or
-    nothing runs it and no daemon will)."""
+@click.option("--ray", "ray_address", metavar="ADDRESS", envvar="GPU_COMPETE_RAY",
+              help="A task of a --ray run whose node's disk is not this one: fetch its log through its agent.")
+def logs(uni_id: str, state_dir: str, follow: bool, attempt: int | None, ray_address: str | None) -> None:
+    """Print a task's log (STATE_DIR/logs/UNI_ID.log, or STATE_DIR/nodes/NODE/logs/UNI_ID.log
+    for a task of a --ray run): every attempt, each opened by a `==== ... start` line and
+    closed by a `==== ... end` line, or only one with --attempt. With -f, follow it like
+    `tail -f` until the task has ended (completed, given up, or nothing runs it and no daemon
+    will)."""
     from . import tasklog
 
     uid = _uni_id(uni_id)
     state = _state_dir(state_dir)
     path = state / "logs" / f"{uid}.log"
+    if not path.exists():
+        path = next(iter(sorted((state / "nodes").glob(f"*/logs/{uid}.log"))), path)
     out = sys.stdout.buffer
+    if ray_address and not path.exists():
+        from .cluster_run import fetch_log
+
+        text = fetch_log(ray_address, state.resolve(), uid, fail=_fail)
+        chosen = tasklog.select(text.encode(), uid, attempt)
+        if chosen is None:
+            _fail(f"{uid} has no attempt {attempt}", 1)
+        out.write(chosen)
+        out.flush()
+        return
     if follow and (path.exists() or not _task_over(state, uid)):
         try:
             for chunk in tasklog.follow(path, uid, attempt, lambda: _task_over(state, uid)):
@@ -123,7 +138,8 @@ def logs(uni_id: str, state_dir: str, follow: bool, attempt: int | None) -> None
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        _fail(f"no log for {uid} in {state / 'logs'} (it has not started yet, or the uni_id is wrong)", 1)
+        _fail(f"no log for {uid} in {state / 'logs'} (it has not started yet, or the uni_id is wrong; "
+              "a task of a --ray run on another node: add --ray ADDRESS)", 1)
     except OSError as exc:
         _fail(f"cannot read {path}: {exc.strerror or exc}", 1)
     chosen = tasklog.select(data, uid, attempt)

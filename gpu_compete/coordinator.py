@@ -61,7 +61,8 @@ class Coordinator:
         self.abandoned: dict[str, str] = {}  # task counted lost with its node -> that node
         self.node_snapshots: dict[str, list[GpuSnapshot]] = {}
         self.inflight: dict[str, tuple[Any, float]] = {}  # node -> (its observe call, when asked)
-        self.ghosts: dict[int, float] = {}
+        self.ghosts: dict[int, float] = {}  # (status.build reads it; ghosts are per node, below)
+        self.node_ghosts: dict[str, set[int]] = {}  # pids of ended tasks each agent says not to count
         self.waiting_why: dict[str, str] = {}
         self.guard = GuardWatch(config.guard, config.work_dir, lambda: iso(self.wall()))
         self.draining = self.force = self.status_requested = False
@@ -116,6 +117,8 @@ class Coordinator:
             self.inflight.pop(node, None)
             self._node_gone(node, "its node left the cluster", now)
         self._ask_all()
+        if not self.inflight and wait_s > 0:
+            time.sleep(wait_s)  # no node to hear from: look for one again later
         for node, result in self.agents.gather(self.inflight, wait_s):
             del self.inflight[node]
             if isinstance(result, Exception):
@@ -140,6 +143,7 @@ class Coordinator:
 
     def _heard(self, node: str, result: dict[str, Any], now: float) -> None:
         self.node_snapshots[node] = result["snapshots"]
+        self.node_ghosts[node] = set(result.get("ghosts", ()))
         for uid, how in result["tasks"].items():
             task = self.tasks.get(uid)
             if task is None or self.where.get(uid) != node:
@@ -194,6 +198,7 @@ class Coordinator:
 
     def _node_gone(self, node: str, why: str, now: float) -> None:
         self.node_snapshots.pop(node, None)
+        self.node_ghosts.pop(node, None)
         lost = [t for u, t in self.tasks.items() if self.where.get(u) == node]
         if lost:
             log.error("node gone; its running tasks are lost and run again elsewhere", node=node, why=why,
@@ -261,10 +266,11 @@ class Coordinator:
         cands = candidates(self.queues, now)
         if not cands or not self.node_snapshots:
             return
-        views = build_views(self.snapshots, self.placements(now), self.user,
-                            topology={s.key: s.group for s in self.snapshots if s.group is not None})
-        # A gpus=N task's GPUs must be on one node: the topology groups are per node.
-        views = [v for v in views]
+        placements = self.placements(now)
+        views = []
+        for node, snaps in self.node_snapshots.items():  # pids mean something on their own node only
+            views += build_views(snaps, placements, self.user, ignored=self.node_ghosts.get(node, ()),
+                                 topology={s.key: f"{node}/{s.group or ''}" for s in snaps})  # gpus=N: one node
         snaps = {s.key: s for s in self.snapshots}
         plan = plan_round(cands, views, self.rng, self.config.exclusive, self.config.pick)
         for launch in plan:

@@ -6,11 +6,9 @@ The launcher decides nothing; the daemon tells it what to run where.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -160,49 +158,9 @@ def _prepare(spec: TaskSpec, gpu: str, attempt: int, paths: LaunchPaths, cuda_vi
     return script, meta, title, log, env
 
 
-def spawn(spec: TaskSpec, gpu: str, attempt: int, paths: LaunchPaths, cuda_visible: str | None = None,
-          gpus: tuple[str, ...] = (), timeout_s: float | None = None, grace_s: float = 10.0,
-          node: str | None = None) -> "SpawnedChild":
-    """Like `start`, but the supervisor is a new interpreter (`python -m gpu_compete.supervisor`)
-    rather than a fork: for a node agent, which lives in a Ray worker with threads of its own,
-    where a fork could copy a lock another thread holds. Costs a Python start-up per task."""
-    cuda_visible = cuda_visible or gpu
-    script, meta, title, log, env = _prepare(spec, gpu, attempt, paths, cuda_visible, gpus, node)
-    done_r, done_w = os.pipe()
-    argv = [sys.executable, "-m", "gpu_compete.supervisor", "--uni-id", spec.uni_id, "--registry", str(paths.registry),
-            "--log", str(log), "--history", str(paths.history), "--meta", json.dumps(meta), "--quiet",
-            "--title", title, "--grace", str(grace_s), "--done-fd", str(done_w)]
-    if timeout_s is not None:
-        argv += ["--timeout", str(timeout_s)]
-    argv += ["--", SHELL, "-c", script]
-    try:
-        with open(log, "ab", buffering=0) as out:
-            proc = subprocess.Popen(argv, env=env, cwd=paths.work_dir, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=out, start_new_session=True, pass_fds=(done_w,))
-    except BaseException:
-        os.close(done_r)
-        raise
-    finally:
-        os.close(done_w)
-    os.set_blocking(done_r, False)
-    return SpawnedChild(proc, done_r)
-
-
-class SpawnedChild(Child):
-    """A supervisor started as a new interpreter: the same face as a forked one."""
-
-    def __init__(self, proc: subprocess.Popen, done_fd: int):
-        super().__init__(proc.pid, done_fd)
-        self._proc = proc
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            self.returncode = self._proc.poll()
-        return self.returncode
-
-
 def start(spec: TaskSpec, gpu: str, attempt: int, paths: LaunchPaths, cuda_visible: str | None = None,
-          gpus: tuple[str, ...] = (), timeout_s: float | None = None, grace_s: float = 10.0) -> Child:
+          gpus: tuple[str, ...] = (), timeout_s: float | None = None, grace_s: float = 10.0,
+          node: str | None = None) -> Child:
     """Fork a supervisor for the task in a new session; returns at once.
 
     The supervisor is a fork of the daemon rather than a new interpreter: everything it
@@ -220,7 +178,7 @@ def start(spec: TaskSpec, gpu: str, attempt: int, paths: LaunchPaths, cuda_visib
     """
     cuda_visible = cuda_visible or gpu
     supervisor.load_prctl()  # once per daemon, not once per task's child
-    script, meta, title, log, env = _prepare(spec, gpu, attempt, paths, cuda_visible, gpus)
+    script, meta, title, log, env = _prepare(spec, gpu, attempt, paths, cuda_visible, gpus, node)
     log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         done_r, done_w = os.pipe()

@@ -1,0 +1,243 @@
+"""`gpu-compete run --ray` end to end: a real local Ray cluster (every node on 127.0.0.1), the
+real CLI as the coordinator, real agents on their nodes, simulated GPUs per node and real task
+processes. Each test checks from what the tasks themselves wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from .daemon_harness import Attempt, assert_each_succeeded_once, assert_exclusive, assert_queue_order
+from .helpers import console_script, wait_for
+
+pytest.importorskip("ray")
+
+TASK_SH = r"""#!/bin/bash
+here=$(cd "$(dirname "$0")" && pwd)
+echo "start $1 $GPU_COMPETE_NODE/$CUDA_VISIBLE_DEVICES $(date +%s.%N)" >> "$here/events"
+sleep "$2"
+echo "end $1 $GPU_COMPETE_NODE/$CUDA_VISIBLE_DEVICES $(date +%s.%N) 0" >> "$here/events"
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from .ray_harness import LocalCluster, _apply
+
+    saved = {k: os.environ.get(k) for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "CUDA_VISIBLE_DEVICES",
+                                            "RAY_ADDRESS")}
+    _apply({"CUDA_VISIBLE_DEVICES": None, "RAY_ADDRESS": None})
+    local = LocalCluster(2)
+    try:
+        yield local
+    finally:
+        local.shutdown()
+        _apply(saved)
+
+
+class ClusterRun:
+    def __init__(self, tmp_path: Path, address: str, blocks: list[tuple[str, float]]):
+        self.dir, self.address = tmp_path, address
+        (tmp_path / "task.sh").write_text(TASK_SH)
+        text = "\n".join(f"# {i}\nbash {{work_dir}}/task.sh {{uni_id}} {secs}\n{queue},8\n"
+                         for i, (queue, secs) in enumerate(blocks))
+        self.commands = tmp_path / "command.txt"
+        self.commands.write_text(text)
+        self.state = tmp_path / "state"
+        self.proc: subprocess.Popen | None = None
+        out = subprocess.run([console_script(), "check", "--commands", str(self.commands), "--json"],
+                             capture_output=True, text=True, check=True)
+        self.queues: dict[str, list[str]] = defaultdict(list)
+        for q in json.loads(out.stdout)["queues"]:
+            for t in q["tasks"]:
+                self.queues[q["queue"]].append(t["uni_id"])
+
+    @property
+    def uids(self) -> list[str]:
+        return [u for us in self.queues.values() for u in us]
+
+    def start(self, *extra: str) -> subprocess.Popen:
+        argv = [console_script(), "run", "--commands", str(self.commands), "--work-dir", str(self.dir),
+                "--state-dir", str(self.state), "--simulate", "1x24,delay=0.2", "--ray", self.address,
+                "--poll", "2", "--node-timeout", "10", "--status-every", "0", "--seed", "1",
+                "--log-format", "json", *extra]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return self.proc
+
+    def wait(self, timeout: float = 90) -> tuple[int, str]:
+        assert self.proc is not None
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+            raise AssertionError(f"coordinator did not finish in {timeout}s:\n{err[-4000:]}") from None
+        return self.proc.returncode, err
+
+    def attempts(self) -> list[Attempt]:
+        try:
+            lines = (self.dir / "events").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        open_: dict[str, Attempt] = {}
+        done = []
+        for line in lines:
+            kind, uid, gpu, at, *rest = line.split()
+            if kind == "start":
+                if uid in open_:
+                    done.append(open_.pop(uid))
+                open_[uid] = Attempt(uid, gpu, float(at))
+            elif uid in open_:
+                a = open_.pop(uid)
+                a.end, a.status = float(at), int(rest[0])
+                done.append(a)
+        return sorted(done + list(open_.values()), key=lambda a: a.start)
+
+    def history(self) -> list[dict]:
+        path = self.state / "history.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+    def running(self) -> dict[str, str]:
+        """uni_id -> node of what status.json says runs."""
+        try:
+            view = json.loads((self.state / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return {q["current"]: q["gpu"].split("/")[0] for q in view["queues"]
+                if q["current_state"] == "running" and q.get("gpu")}
+
+
+def test_a_command_file_spreads_over_the_nodes_and_every_task_runs_once(tmp_path, cluster):
+    run = ClusterRun(tmp_path, cluster.address, [("1", 0.3), ("1", 0.3), ("2", 0.3), ("2", 0.3), ("3", 0.3)])
+    run.start()
+    code, err = run.wait()
+    assert code == 0, err[-3000:]
+    attempts = run.attempts()
+    assert {a.gpu for a in attempts} == {"n0/0", "n1/0"}
+    assert_exclusive(attempts)
+    assert_queue_order(attempts, run.queues)
+    assert_each_succeeded_once(attempts, run.uids)
+    history = [h for h in run.history() if h["state"] == "normal_exit"]
+    assert sorted(h["uni_id"] for h in history) == sorted(run.uids)
+    assert {h["node"] for h in history} == {"n0", "n1"}
+    # Each node keeps its registry and logs in its own directory; `logs` finds them.
+    for node in ("n0", "n1"):
+        assert (run.state / "nodes" / node / "uni_id.json").exists()
+    uid = history[0]["uni_id"]
+    shown = subprocess.run([console_script(), "logs", uid, "--state-dir", str(run.state)], capture_output=True,
+                           text=True)
+    assert shown.returncode == 0 and f"start {uid}" in shown.stdout
+    # ... and through the agents when the node's disk is not this one. The agents ended with the
+    # run, so there is none to ask: said in one line.
+    fetched = subprocess.run([console_script(), "logs", "q9-nothing", "--state-dir", str(run.state), "--ray",
+                              cluster.address], capture_output=True, text=True)
+    assert fetched.returncode == 1 and "no node of the run" in fetched.stderr
+
+
+def test_kill_9_of_the_coordinator_then_the_same_command_adopts_and_runs_nothing_twice(tmp_path, cluster):
+    run = ClusterRun(tmp_path, cluster.address, [("1", 3.0), ("2", 3.0), ("1", 0.3), ("2", 0.3)])
+    proc = run.start()
+    wait_for(lambda: len(run.attempts()) >= 2, 30, "two tasks to start")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    run.start()
+    code, err = run.wait()
+    assert code == 0, err[-3000:]
+    assert "adopted running task" in err
+    attempts = run.attempts()
+    assert len(attempts) == 4
+    assert_each_succeeded_once(attempts, run.uids)
+    assert_queue_order(attempts, run.queues)
+
+
+def test_an_agent_killed_mid_run_is_replaced_and_its_task_adopted(tmp_path, cluster):
+    run = ClusterRun(tmp_path, cluster.address, [("1", 3.0), ("2", 3.0)])
+    run.start()
+    wait_for(lambda: len(run.running()) == 2, 30, "both tasks to run")
+    # From a process of its own: a driver in the test process would leave Ray's variables
+    # (PYTHONBREAKPOINT) in the environment of every cluster started after it.
+    kill = (
+        "import sys, ray\n"
+        "from gpu_compete import cluster as glue\n"
+        "from gpu_compete.cluster_run import run_tag\n"
+        "from pathlib import Path\n"
+        "glue.connect(sys.argv[1])\n"
+        "name = glue.actor_name(run_tag(Path(sys.argv[2])), 'n1')\n"
+        "ray.kill(ray.get_actor(name, namespace=glue.NAMESPACE), no_restart=True)\n"
+    )
+    subprocess.run([sys.executable, "-c", kill, cluster.address, str(run.state.resolve())], check=True,
+                   timeout=60)
+    code, err = run.wait()
+    assert code == 0, err[-3000:]
+    assert "agent died" in err
+    assert len(run.attempts()) == 2
+    assert [h["state"] for h in run.history()] == ["normal_exit", "normal_exit"]
+
+
+def test_a_node_that_joins_mid_run_is_used(tmp_path, cluster):
+    run = ClusterRun(tmp_path, cluster.address, [(str(q), 2.5) for q in range(6)])
+    run.start()
+    wait_for(lambda: run.running(), 30, "a task to run")
+    cluster.add("n2")
+    try:
+        code, err = run.wait()
+    finally:
+        cluster.remove("n2")
+    assert code == 0, err[-3000:]
+    assert "n2/0" in {a.gpu for a in run.attempts()}, err[-3000:]
+    assert_exclusive(run.attempts())
+
+
+def test_a_node_that_leaves_has_its_task_run_elsewhere_and_never_twice(tmp_path, cluster):
+    cluster.add("n3")
+    try:
+        run = ClusterRun(tmp_path, cluster.address, [("1", 6.0), ("2", 6.0), ("3", 6.0)])
+        run.start()
+        wait_for(lambda: "n3" in run.running().values(), 30, "a task on n3")
+        victim = next(u for u, n in run.running().items() if n == "n3")
+    finally:
+        cluster.remove("n3")
+    code, err = run.wait(timeout=120)
+    assert code == 0, err[-3000:]
+    lost = [h for h in run.history() if h["uni_id"] == victim and h["state"] == "abnormal_exit"]
+    assert [h["error_type"] for h in lost] == ["lost"] and lost[0]["node"] == "n3"
+    assert sum(h["state"] == "normal_exit" for h in run.history() if h["uni_id"] == victim) == 1
+    # The copy on the removed node (its supervisor lives on: the "node" is this machine) was
+    # never taken for the task's success; the success is the rerun's, elsewhere.
+    done = next(h for h in run.history() if h["uni_id"] == victim and h["state"] == "normal_exit")
+    assert done["node"] != "n3"
+
+
+def test_an_unreachable_cluster_is_one_line_and_exit_2(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "c.txt").write_text("echo hi\n1,1\n")
+    started = time.monotonic()
+    done = subprocess.run([console_script(), "run", "--commands", str(tmp_path / "c.txt"), "--state-dir",
+                           str(tmp_path / "s"), "--ray", f"127.0.0.1:{port}"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "cannot reach the Ray cluster" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert time.monotonic() - started < 30
+
+
+def test_ray_missing_is_one_line_with_the_install_command(tmp_path):
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "ray.py").write_text("raise ImportError('No module named ray')\n")
+    (tmp_path / "c.txt").write_text("echo hi\n1,1\n")
+    env = {**os.environ, "PYTHONPATH": str(shim)}
+    done = subprocess.run([console_script(), "run", "--commands", str(tmp_path / "c.txt"), "--state-dir",
+                           str(tmp_path / "s"), "--ray", "auto"], capture_output=True, text=True, env=env)
+    assert done.returncode == 2
+    assert "pip install 'gpu-compete[ray]'" in done.stderr and len(done.stderr.strip().splitlines()) == 1
