@@ -141,9 +141,10 @@ class Agent:
                 "ghosts": sorted(self.ghosts)}
 
     def find(self, uni_ids: list[str]) -> dict[str, dict[str, Any]]:
-        """Which of these tasks an earlier coordinator started here and that still run, or ended
-        with no outcome taken yet (their record still says running): a restarted coordinator
-        adopts them rather than start them again."""
+        """What this node knows of these tasks, for a restarted coordinator: every one whose
+        process lives here, or whose record says it runs or how it ended (a task may have ended
+        while no coordinator watched; the coordinator takes the outcomes it has not taken yet).
+        {uid: {"gpu", "attempt", "state"}}."""
         try:
             records = self.registry.read()
         except RegistryError:
@@ -152,12 +153,13 @@ class Agent:
         live = evidence.live_task_processes(wanted, self.namespace)
         found = {}
         for uid in wanted:
-            record = records.get(uid)
-            running = record is not None and record.get("state") == "running"
-            if uid in live or running or evidence.supervisor_running(launcher.log_path(self.state, uid)):
-                found[uid] = {"gpu": (record or {}).get("gpu", live.get(uid, {}).get("gpu")),
-                              "retry_count": (record or {}).get("retry_count", 0),
-                              "attempt": (record or {}).get("attempt")}
+            record = records.get(uid) if isinstance(records.get(uid), dict) else None
+            known = record is not None and record.get("state") in ("running", "normal_exit", "abnormal_exit")
+            if uid in live or known or evidence.supervisor_running(launcher.log_path(self.state, uid)):
+                record = record or {}
+                found[uid] = {"gpu": record.get("gpu", live.get(uid, {}).get("gpu")),
+                              "attempt": record.get("attempt"),
+                              "state": "running" if uid in live else record.get("state", "running")}
         return found
 
     def kill(self, uni_ids: list[str]) -> None:

@@ -520,7 +520,10 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
     if ray_address:
         unsupported = [name for name, value in (("--dry-run", dry_run), ("--follow", follow),
                                                 ("--metrics-port", metrics_port is not None),
-                                                ("--on-event", bool(on_event))) if value]
+                                                ("--on-event", bool(on_event)),
+                                                ("--min-free-ram", min_free_ram is not None),
+                                                ("--min-free-disk", min_free_disk is not None),
+                                                ("--registry", registry_file is not None)) if value]
         if unsupported:
             _fail(f"{', '.join(unsupported)} cannot be used with --ray yet")
         from .cluster_run import run_on_cluster

@@ -93,12 +93,20 @@ class Coordinator:
         open_ = [u for u, t in self.tasks.items() if t.state not in (TaskState.COMPLETED, TaskState.FAILED)]
         found = self.agents.call_all("find", open_, timeout=self.node_timeout)
         now = self.clock()
+        best: dict[str, tuple[int, str, dict[str, Any]]] = {}
         for node, result in found.items():
             if isinstance(result, Exception):
                 log.warning("node did not answer at start-up", node=node, error=str(result))
                 continue
             for uid, info in result.items():
-                self._adopt(self.tasks[uid], node, info, now)
+                attempt = info.get("attempt") if isinstance(info.get("attempt"), int) else 0
+                if info.get("state") != "running" and attempt <= self.tasks[uid].retry_count:
+                    continue  # an ending the history already holds (a failure counted, a copy lost)
+                if uid not in best or attempt > best[uid][0]:
+                    best[uid] = (attempt, node, info)
+        # Running or ended unseen: adopted, and the node's next answer says which.
+        for uid, (_, node, info) in best.items():
+            self._adopt(self.tasks[uid], node, info, now)
 
     def _adopt(self, task: Task, node: str, info: dict[str, Any], now: float) -> None:
         task.state, task.adopted, task.launched_at, task.confirmed = TaskState.RUNNING, True, now, False

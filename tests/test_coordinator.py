@@ -19,6 +19,7 @@ from gpu_compete.policy import RetryPolicy
 from gpu_compete.tasks import TaskState
 
 from .daemon_harness import Attempt, assert_each_succeeded_once, assert_exclusive, assert_queue_order
+from .helpers import wait_for
 
 TASK_SH = r"""#!/bin/bash
 # task.sh UNI_ID SECONDS
@@ -172,3 +173,19 @@ def test_a_node_that_joins_is_used_from_the_next_round(tmp_path, stop_all):
     run.rounds()
     assert "n2/0" in {a.gpu for a in run.attempts()}
     assert_exclusive(run.attempts())
+
+
+def test_a_task_that_ended_while_no_coordinator_watched_is_taken_once_not_run_again(tmp_path, stop_all):
+    run = Run(tmp_path, [("1", 1.0), ("2", 1.0)], ["n1", "n2"], simulate="1x24")
+    stop_all(run)
+    run.rounds(until=lambda: len(run.attempts()) == 2)
+    # The coordinator is gone; both tasks end before a new one starts.
+    wait_for(lambda: all(a.end is not None for a in run.attempts()), 20, "both tasks to end")
+    run.coordinator = run.new_coordinator()
+    run.rounds()
+    assert len(run.attempts()) == 2
+    assert sorted(h["uni_id"] for h in run.history() if h["state"] == "normal_exit") == sorted(
+        s.uni_id for s in run.specs)
+    # A third coordinator finds nothing left to do and adopts nothing.
+    run.coordinator = run.new_coordinator()
+    assert all(t.state is TaskState.COMPLETED for t in run.coordinator.tasks.values())
