@@ -10,6 +10,9 @@ ideal makespan is 6 x 1.5 = 9 s. Prints, for `--pick longest` and `--pick random
     python bench/makespan.py                       # the default workload, 3 seeds each
     python bench/makespan.py --fail-rate 0.1 --startup 2   # 10 % failing attempts, 2 s start-up
 
+`BENCH_KEEP=DIR` keeps each run's work directory and the daemon's JSON log under DIR (how an
+outlier is looked into).
+
 Failing attempts (exit 1 after running their full time) are retried by the daemon; the ideal
 then counts their time too: ideal = max(longest queue's work, total work / GPUs).
 """
@@ -88,6 +91,11 @@ def run_once(pick: str, seed: int, args: argparse.Namespace) -> dict[str, float]
         done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
             sys.exit(f"daemon failed ({done.returncode}):\n{done.stderr[-2000:]}")
+        if os.environ.get("BENCH_KEEP"):
+            keep = Path(os.environ["BENCH_KEEP"]) / f"{pick}-{seed}"
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.copytree(work, keep, ignore=shutil.ignore_patterns("*.sock"))
+            (keep / "daemon.log").write_text(done.stderr)
         starts, ends, per_gpu = [], [], defaultdict(list)
         open_: dict[str, tuple[str, float]] = {}
         for line in (work / "events").read_text().splitlines():

@@ -61,6 +61,7 @@ class Agent:
         self.exits: dict[str, int] = {}  # uid -> a pidfd of its supervisor (readable once it exits)
         self.gpu_pids: dict[str, set[int]] = {}  # pids of each running task seen on its GPUs
         self.ghosts: dict[int, float] = {}  # pid of an ended task -> until when it is not counted
+        self.pids_ours = False  # NVML has listed a task of ours by its pid here: same pid namespace
         self.lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -134,9 +135,10 @@ class Agent:
             tasks = {uid: self._how(uid, records.get(uid), snapshots) for uid in {*expected, *self.children}}
             for uid, how in tasks.items():
                 if how["state"] == "ended" or how.get("gone"):
-                    roots = self._roots(uid, records.get(uid))
-                    for pid in self.gpu_pids.pop(uid, set()) | roots:
+                    record = records.get(uid) if isinstance(records.get(uid), dict) else {}
+                    for pid in self.gpu_pids.pop(uid, set()) | self._roots(uid, record):
                         self.ghosts[pid] = now + GHOST_S
+                    self._ghost_leftovers(record, snapshots, now)
         return {"node": self.node, "snapshots": [_named(s, self.node) for s in snapshots], "tasks": tasks,
                 "ghosts": sorted(self.ghosts)}
 
@@ -234,7 +236,21 @@ class Agent:
                 if p.pid not in self.ghosts and descends(p.pid, roots)}
         if mine:
             self.gpu_pids.setdefault(uid, set()).update(mine)
+            self.pids_ours = True
         return bool(mine) or bool(self.gpu_pids.get(uid))
+
+    def _ghost_leftovers(self, record: dict[str, Any], snapshots: list[GpuSnapshot], now: float) -> None:
+        """As the daemon does: on the GPUs a task has just left, a listed pid whose process no
+        longer exists is a leftover of its tree. Only once NVML's pids are known to be ours
+        (a task of ours was seen on its GPU): in a container every pid would look dead."""
+        if not self.pids_ours:
+            return
+        keys = {str(record.get("gpu"))} | {str(k) for k in record.get("gpus") or ()}
+        for snap in snapshots:
+            if snap.key in keys:
+                for p in snap.processes:
+                    if p.pid not in self.ghosts and procs.liveness(p.pid) == "dead":
+                        self.ghosts[p.pid] = now + GHOST_S
 
     def _roots(self, uid: str, record: dict[str, Any] | None) -> set[int]:
         record = record or {}

@@ -106,6 +106,7 @@ class Daemon(Reconciling, Outcomes, Placing):
         self.known: dict[str, dict[str, Any]] = {}  # last registry record we wrote or saw, per task
         self.gpu_pids: dict[str, set[int]] = {}  # pids of each running task seen on its GPU
         self.ghosts: dict[int, float] = {}  # pid of an ended task -> until when it is not counted
+        self.vacated: dict[str, float] = {}  # GPU our task has just left -> until when leftovers are looked for
         self.snapshots: list[GpuSnapshot] = []
         self.waiting_why: dict[str, str] = {}  # idle head -> why it did not start this round
         self.foreign_pids = False  # NVML's pids are another namespace's (a container)
@@ -155,6 +156,7 @@ class Daemon(Reconciling, Outcomes, Placing):
             self.steer.after_collect(now)
             self.snapshots = self.probe.snapshot()
             self._check_pid_namespace(now)
+            self._ghost_leftovers(now)
             self._confirm(now)
             self._watch_vram()
             if not self.draining and not self.force:

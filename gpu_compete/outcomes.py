@@ -47,6 +47,7 @@ class Outcomes:
         could see it there)."""
         for pid in self.gpu_pids.pop(task.uni_id, set()) | self._roots(task):
             self.ghosts[pid] = now + GHOST_S
+        self._left(task, now)
         self._drop_child(task.uni_id)
 
     def _completed(self, task: Task, record: dict[str, Any], now: float, exit_status: int = 0) -> None:

@@ -136,6 +136,28 @@ class Placing:
             if child.worker_done:
                 for pid in self.gpu_pids.get(uid, ()):
                     self.ghosts.setdefault(pid, now + GHOST_S)
+                task = self.tasks.get(uid)
+                if task is not None:
+                    self._left(task, now)
+
+    def _left(self, task: Task, now: float) -> None:
+        """Our task has left its GPUs: what NVML still lists there is looked at once more."""
+        for key in task.gpu_keys:
+            self.vacated[key] = now + GHOST_S
+
+    def _ghost_leftovers(self, now: float) -> None:
+        """On a GPU one of our tasks has just left, a listed pid whose process no longer exists
+        is a leftover of that task's tree (a short-lived child no round saw, listed by NVML a
+        moment after it exited): not counted, like the task's own pids. Never where NVML's pids
+        are another namespace's (a container), where every pid would look dead."""
+        self.vacated = {key: until for key, until in self.vacated.items() if until > now}
+        if self.foreign_pids or not self.vacated:
+            return
+        for snap in self.snapshots:
+            if snap.key in self.vacated:
+                for p in snap.processes:
+                    if p.pid not in self.ghosts and procs.liveness(p.pid) == "dead":
+                        self.ghosts[p.pid] = now + GHOST_S
 
     def _plan_and_launch(self, now: float) -> None:
         cands = self.steer.allowed(candidates(self.queues, now))

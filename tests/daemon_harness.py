@@ -17,7 +17,7 @@ from pathlib import Path
 from .helpers import console_script, wait_for
 
 TASK_SH = r"""#!/bin/bash
-# task.sh UNI_ID SECONDS [ok|fail|oom|fail-until-N]
+# task.sh UNI_ID SECONDS [ok|fail|oom|fail-until-N|late-child]
 uid=$1; seconds=$2; mode=${3:-ok}
 here=$(cd "$(dirname "$0")" && pwd)
 echo "start $uid ${CUDA_VISIBLE_DEVICES:-none} $(date +%s.%N)" >> "$here/events"
@@ -25,6 +25,7 @@ sleep "$seconds"
 status=0
 case "$mode" in
   fail) status=3 ;;
+  late-child) GPU_COMPETE_VRAM_GB=20 sleep 0.5 ;;  # a child of its own on the GPU, after launch
   oom) echo "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB" >&2; status=1 ;;
   fail-until-*)
     count_file="$here/count-$uid"

@@ -199,7 +199,7 @@ def test_a_node_that_joins_mid_run_is_used(tmp_path, cluster):
 def test_a_node_that_leaves_has_its_task_run_elsewhere_and_never_twice(tmp_path, cluster):
     cluster.add("n3")
     try:
-        run = ClusterRun(tmp_path, cluster.address, [("1", 6.0), ("2", 6.0), ("3", 6.0)])
+        run = ClusterRun(tmp_path, cluster.address, [("1", 3.5), ("2", 3.5), ("3", 3.5)])
         run.start()
         wait_for(lambda: "n3" in run.running().values(), 30, "a task on n3")
         victim = next(u for u, n in run.running().items() if n == "n3")

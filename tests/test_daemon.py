@@ -289,3 +289,16 @@ def test_a_gpu_goes_to_another_queue_once_its_task_is_gone_before_the_outcome_is
     assert_exclusive(attempts)
     assert_queue_order(attempts, queues_of(run, blocks))
     assert_each_succeeded_once(attempts, list(run.names.values()))
+
+
+def test_a_task_s_late_child_still_listed_after_the_end_does_not_hold_the_gpu(tmp_path):
+    """A task starts a GPU process of its own after its launch was confirmed, and ends; NVML
+    (here the simulation, linger=6) lists that exited child for seconds more. The next task
+    starts at once, not when the listing goes away."""
+    blocks = [("1", 16, "a", 1.0, "late-child"), ("1", 16, "a2", 0.2, "ok"), ("2", 16, "b", 0.2, "ok")]
+    run = DaemonRun(tmp_path, blocks, simulate="1x24,linger=6")  # queue 1 is longer: it goes first
+    code, _, err = run.run(timeout=60)
+    assert code == 0, err
+    first, second, _ = sorted(run.attempts(), key=lambda x: x.start)
+    assert first.uni_id == run.names["a"]
+    assert second.start - first.end < 3.0, f"the next task waited {second.start - first.end:.2f} s"
