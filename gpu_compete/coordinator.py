@@ -21,7 +21,6 @@ runs twice.
 from __future__ import annotations
 
 import random
-import signal
 import time
 from typing import Any, Callable
 
@@ -29,13 +28,13 @@ import structlog
 
 from . import journal, status
 from .classify import is_permanent
-from .daemon import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, Config
+from .daemon import Config, all_ended, exit_code
 from .gpus.base import GpuSnapshot, current_user
 from .hostguard import GuardWatch
-from .policy import Placement, build_views, candidates, lease_active, plan_round, queue_status
+from .policy import Placement, build_views, candidates, lease_active, plan_round
 from .tasks import Queue, Task, TaskSpec, TaskState, group_queues
 from .timefmt import iso
-from .wakeloop import WakeLoop
+from .wakeloop import WakeLoop, set_flags
 
 log = structlog.get_logger("gpu_compete")
 
@@ -315,28 +314,15 @@ class Coordinator:
             log.warning("cannot write status.json", error=str(exc))
 
     def finished(self) -> bool:
-        running = any(t.state is TaskState.RUNNING for t in self.tasks.values())
         if self.draining:
-            return not running
-        return all(queue_status(q, self.queues) in ("DONE", "BLOCKED") for q in self.queues.values())
+            return not any(t.state is TaskState.RUNNING for t in self.tasks.values())
+        return all_ended(self.queues)
 
     def exit_code(self) -> int:
-        states = {t.state for t in self.tasks.values()}
-        if states <= {TaskState.COMPLETED, TaskState.SKIPPED}:
-            return EXIT_OK
-        if all(queue_status(q, self.queues) in ("DONE", "BLOCKED") for q in self.queues.values()):
-            return EXIT_FAILED
-        return EXIT_STOPPED
+        return exit_code(self.tasks, self.queues)
 
     def on_signal(self, signum: int) -> None:
-        if signum in (signal.SIGINT, signal.SIGTERM):
-            if self.draining:
-                self.force = True
-            self.draining = True
-        elif signum == signal.SIGUSR2:
-            self.draining = self.force = True
-        elif signum == signal.SIGUSR1:
-            self.status_requested = True
+        set_flags(self, signum)  # SIGHUP (reload) is not for a --ray run yet
 
     def run(self) -> int:
         with WakeLoop(self.on_signal, self.clock):

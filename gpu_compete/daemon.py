@@ -52,11 +52,23 @@ from .steering import Steering
 from .tasks import Queue, Task, TaskSpec, TaskState, group_queues
 from .timefmt import iso as _iso
 from .vram import VramWatch
-from .wakeloop import WakeLoop
+from .wakeloop import WakeLoop, set_flags
 
 log = structlog.get_logger("gpu_compete")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 130
+
+
+def all_ended(queues: dict[str, Queue]) -> bool:
+    """Every queue done or blocked by a task that failed for good."""
+    return all(queue_status(q, queues) in ("DONE", "BLOCKED") for q in queues.values())
+
+
+def exit_code(tasks: dict[str, Task], queues: dict[str, Queue]) -> int:
+    """0 all completed (or skipped), 1 some failed for good, 130 stopped before the end."""
+    if {t.state for t in tasks.values()} <= {TaskState.COMPLETED, TaskState.SKIPPED}:
+        return EXIT_OK
+    return EXIT_FAILED if all_ended(queues) else EXIT_STOPPED
 
 
 @dataclass
@@ -270,27 +282,15 @@ class Daemon(Reconciling, Outcomes, Placing):
         running = any(t.state is TaskState.RUNNING for t in self.tasks.values())
         if self.draining:
             return not running
-        return self.steer.finished_ok() and all(queue_status(q, self.queues) in ("DONE", "BLOCKED") for q in self.queues.values())
+        return self.steer.finished_ok() and all_ended(self.queues)
 
     def exit_code(self) -> int:
-        states = {t.state for t in self.tasks.values()}
-        if states <= {TaskState.COMPLETED, TaskState.SKIPPED}:
-            return EXIT_OK
-        if all(queue_status(q, self.queues) in ("DONE", "BLOCKED") for q in self.queues.values()):
-            return EXIT_FAILED
-        return EXIT_STOPPED
+        return exit_code(self.tasks, self.queues)
 
     def on_signal(self, signum: int) -> None:
         """Runs in the signal handler: only flags."""
-        if signum in (signal.SIGINT, signal.SIGTERM):
-            if self.draining:
-                self.force = True
-            self.draining = True
-        elif signum == signal.SIGUSR2:
-            self.draining = self.force = True
-        elif signum == signal.SIGUSR1:
-            self.status_requested = True
-        elif signum == signal.SIGHUP:
+        set_flags(self, signum)
+        if signum == signal.SIGHUP:
             self.steer.reload_requested = True
 
     def run(self) -> int:

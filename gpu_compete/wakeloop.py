@@ -16,6 +16,20 @@ from typing import Any, Callable
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 
 
+def set_flags(target: Any, signum: int) -> None:
+    """What the run signals mean, as flags on `target` (a daemon or a coordinator); runs in the
+    signal handler. SIGINT/SIGTERM drain (a second one forces: the tasks are ended), SIGUSR2
+    forces at once, SIGUSR1 asks for status now."""
+    if signum in (signal.SIGINT, signal.SIGTERM):
+        if target.draining:
+            target.force = True
+        target.draining = True
+    elif signum == signal.SIGUSR2:
+        target.draining = target.force = True
+    elif signum == signal.SIGUSR1:
+        target.status_requested = True
+
+
 class WakeLoop:
     def __init__(self, on_signal: Callable[[int], None], clock: Callable[[], float]):
         self.on_signal = on_signal

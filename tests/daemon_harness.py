@@ -111,23 +111,7 @@ class DaemonRun:
     # --- reading back ------------------------------------------------------------------------
 
     def attempts(self) -> list[Attempt]:
-        try:
-            lines = (self.dir / "events").read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        open_: dict[str, Attempt] = {}
-        done: list[Attempt] = []
-        for line in lines:
-            parts = line.split()
-            if parts[0] == "start":
-                if parts[1] in open_:  # the previous attempt was killed before its end line
-                    done.append(open_.pop(parts[1]))
-                open_[parts[1]] = Attempt(parts[1], parts[2], float(parts[3]))
-            elif parts[0] == "end" and parts[1] in open_:
-                attempt = open_.pop(parts[1])
-                attempt.end, attempt.status = float(parts[3]), int(parts[4])
-                done.append(attempt)
-        return sorted(done + list(open_.values()), key=lambda a: a.start)
+        return read_attempts(self.dir / "events")
 
     def started(self, name: str) -> int:
         return sum(1 for a in self.attempts() if a.uni_id == self.names[name])
@@ -146,6 +130,28 @@ class DaemonRun:
             return [json.loads(l) for l in (self.state / "history.jsonl").read_text().splitlines() if l.strip()]
         except FileNotFoundError:
             return []
+
+
+def read_attempts(events: Path) -> list[Attempt]:
+    """Attempts from `start UID GPU TIME` / `end UID GPU TIME STATUS` lines, by start time; an
+    attempt without its end line (killed) has end None."""
+    try:
+        lines = events.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    open_: dict[str, Attempt] = {}
+    done: list[Attempt] = []
+    for line in lines:
+        parts = line.split()
+        if parts[0] == "start":
+            if parts[1] in open_:  # the previous attempt was killed before its end line
+                done.append(open_.pop(parts[1]))
+            open_[parts[1]] = Attempt(parts[1], parts[2], float(parts[3]))
+        elif parts[0] == "end" and parts[1] in open_:
+            attempt = open_.pop(parts[1])
+            attempt.end, attempt.status = float(parts[3]), int(parts[4])
+            done.append(attempt)
+    return sorted(done + list(open_.values()), key=lambda a: a.start)
 
 
 # --- invariants ------------------------------------------------------------------------------

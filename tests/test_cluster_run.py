@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .daemon_harness import Attempt, assert_each_succeeded_once, assert_exclusive, assert_queue_order
+from .daemon_harness import Attempt, assert_each_succeeded_once, read_attempts, assert_exclusive, assert_queue_order
 from .helpers import console_script, wait_for
 
 pytest.importorskip("ray")
@@ -83,23 +83,7 @@ class ClusterRun:
         return self.proc.returncode, err
 
     def attempts(self) -> list[Attempt]:
-        try:
-            lines = (self.dir / "events").read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        open_: dict[str, Attempt] = {}
-        done = []
-        for line in lines:
-            kind, uid, gpu, at, *rest = line.split()
-            if kind == "start":
-                if uid in open_:
-                    done.append(open_.pop(uid))
-                open_[uid] = Attempt(uid, gpu, float(at))
-            elif uid in open_:
-                a = open_.pop(uid)
-                a.end, a.status = float(at), int(rest[0])
-                done.append(a)
-        return sorted(done + list(open_.values()), key=lambda a: a.start)
+        return read_attempts(self.dir / "events")
 
     def history(self) -> list[dict]:
         path = self.state / "history.jsonl"

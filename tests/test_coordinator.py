@@ -18,7 +18,7 @@ from gpu_compete.local_agents import LocalAgents
 from gpu_compete.policy import RetryPolicy
 from gpu_compete.tasks import TaskState
 
-from .daemon_harness import Attempt, assert_each_succeeded_once, assert_exclusive, assert_queue_order
+from .daemon_harness import Attempt, assert_each_succeeded_once, read_attempts, assert_exclusive, assert_queue_order
 from .helpers import wait_for
 
 TASK_SH = r"""#!/bin/bash
@@ -63,23 +63,7 @@ class Run:
         raise AssertionError("timed out")
 
     def attempts(self) -> list[Attempt]:
-        try:
-            lines = (self.dir / "events").read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        open_: dict[str, Attempt] = {}
-        done = []
-        for line in lines:
-            kind, uid, gpu, at, *rest = line.split()
-            if kind == "start":
-                if uid in open_:
-                    done.append(open_.pop(uid))
-                open_[uid] = Attempt(uid, gpu, float(at))
-            elif uid in open_:
-                a = open_.pop(uid)
-                a.end, a.status = float(at), int(rest[0])
-                done.append(a)
-        return sorted(done + list(open_.values()), key=lambda a: a.start)
+        return read_attempts(self.dir / "events")
 
     def history(self) -> list[dict]:
         path = self.dir / "state" / "history.jsonl"
