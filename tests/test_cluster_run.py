@@ -225,3 +225,28 @@ def test_ray_missing_is_one_line_with_the_install_command(tmp_path):
                            str(tmp_path / "s"), "--ray", "auto"], capture_output=True, text=True, env=env)
     assert done.returncode == 2
     assert "pip install 'gpu-compete[ray]'" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_node_that_comes_back_with_its_task_still_running_has_it_adopted_not_run_twice(tmp_path, cluster):
+    """The node leaves while its task runs (the task is counted lost and waits: every other GPU
+    is busy); it comes back under the same name with the task still running there: the task
+    is adopted again where it runs, and never started a second time."""
+    cluster.add("n3")
+    run = ClusterRun(tmp_path, cluster.address, [("1", 9.0), ("2", 9.0), ("3", 9.0)])
+    run.start()
+    wait_for(lambda: "n3" in run.running().values() and len(run.running()) == 3, 30, "a task on every node")
+    victim = next(u for u, n in run.running().items() if n == "n3")
+    cluster.remove("n3")
+    wait_for(lambda: any(h["uni_id"] == victim for h in run.history()), 30, "the task on n3 to be counted lost")
+    cluster.add("n3")
+    try:
+        code, err = run.wait(timeout=120)
+    finally:
+        cluster.remove("n3")
+    assert code == 0, err[-3000:]
+    assert "adopting it" in err
+    starts = [a for a in run.attempts() if a.uni_id == victim]
+    assert len(starts) == 1 and starts[0].status == 0  # one copy, run to its end
+    assert [(h["state"], h.get("error_type")) for h in run.history() if h["uni_id"] == victim] == [
+        ("abnormal_exit", "lost"), ("normal_exit", None)]
