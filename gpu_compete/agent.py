@@ -46,7 +46,13 @@ def node_dir(state_dir: str | os.PathLike[str], node: str) -> Path:
 
 class Agent:
     def __init__(self, node: str, state_dir: str, work_dir: str, simulate: str | None = None, gpus: str = "all",
-                 kill_grace: float = 10.0):
+                 kill_grace: float = 10.0, fence_s: float | None = None):
+        """`fence_s`: the coordinator's --node-timeout. While this agent lives it touches
+        `agent.alive` every second; a supervisor started here ends its task (as lost) once the
+        file is older than `fence_s`. The coordinator counts a node's tasks lost (and runs them
+        elsewhere) only after it has not heard from the node for longer than that, so a node
+        whose Ray processes died (the machine alive) never keeps a second copy running; a dead
+        coordinator stops nothing (the agents live on, and a restarted one adopts the tasks)."""
         self.node = node
         self.state = node_dir(state_dir, node).resolve()
         private_dirs(self.state / "logs")
@@ -56,6 +62,11 @@ class Agent:
         self.registry = Registry(self.paths.registry)
         self.probe = open_probe(simulate=simulate, gpus=gpus, namespace=self.namespace)
         self.kill_grace = kill_grace
+        self.heartbeat = self.state / "agent.alive"
+        self.fence = (str(self.heartbeat), fence_s) if fence_s else None
+        self._beat()
+        if self.fence:
+            threading.Thread(target=self._beat_forever, name="agent-heartbeat", daemon=True).start()
         self.forks = ForkServer()
         self.children: dict[str, launcher.Child] = {}  # supervisors this agent started
         self.exits: dict[str, int] = {}  # uid -> a pidfd of its supervisor (readable once it exits)
@@ -84,7 +95,7 @@ class Agent:
             pid, done_fd = self.forks.start(spec=spec, gpu=keys[0], attempt=attempt, paths=self.paths,
                                             cuda_visible=",".join(cuda_visible),
                                             gpus=tuple(keys) if len(keys) > 1 else (), timeout_s=timeout_s,
-                                            grace_s=self.kill_grace, node=self.node)
+                                            grace_s=self.kill_grace, node=self.node, fence=self.fence)
             os.set_blocking(done_fd, False)
             child = launcher.Child(pid, done_fd)  # the fork server's child, not ours: never waited on here
             self.children[spec.uni_id] = child
@@ -279,6 +290,17 @@ class Agent:
         fd = self.exits.pop(uid, None)
         if fd is not None:
             os.close(fd)
+
+    def _beat_forever(self) -> None:
+        while True:
+            self._beat()
+            time.sleep(1.0)
+
+    def _beat(self) -> None:
+        try:
+            self.heartbeat.touch()
+        except OSError:
+            pass  # a full disk: the supervisors' fences may end tasks, which then run elsewhere
 
     def _wake(self) -> None:
         try:

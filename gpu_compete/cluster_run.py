@@ -62,7 +62,8 @@ def run_on_cluster(address: str, config: Config, specs: list[TaskSpec], *, simul
         fail(f"cannot use state directory {config.state_dir}: {exc.strerror or exc}")
     agents = cluster.Agents("gpu_compete.agent:Agent",
                             {"state_dir": str(config.state_dir), "work_dir": str(config.work_dir),
-                             "simulate": simulate, "gpus": gpu_scope, "kill_grace": config.kill_grace},
+                             "simulate": simulate, "gpus": gpu_scope, "kill_grace": config.kill_grace,
+                             "fence_s": node_timeout},
                             run_tag(config.state_dir), max_concurrency=2)
     try:
         coordinator = Coordinator(config, specs, agents, node_timeout=node_timeout)

@@ -37,6 +37,9 @@ from .timefmt import iso
 from .wakeloop import WakeLoop, set_flags
 
 log = structlog.get_logger("gpu_compete")
+#: Seconds a coordinator waits, beyond --node-timeout, before it runs elsewhere what ran on a
+#: node it does not hear from (the node's supervisors end their tasks at --node-timeout).
+FENCE_MARGIN_S = 2.0
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -60,6 +63,8 @@ class Coordinator:
         self.abandoned: dict[str, str] = {}  # task counted lost with its node -> that node
         self.node_snapshots: dict[str, list[GpuSnapshot]] = {}
         self.inflight: dict[str, tuple[Any, float]] = {}  # node -> (its observe call, when asked)
+        self.unreachable: dict[str, float] = {}  # node not heard from -> since when (its last ask)
+        self.seen_nodes: set[str] = set()
         self.ghosts: dict[int, float] = {}  # (status.build reads it; ghosts are per node, below)
         self.node_ghosts: dict[str, set[int]] = {}  # pids of ended tasks each agent says not to count
         self.waiting_why: dict[str, str] = {}
@@ -121,23 +126,29 @@ class Coordinator:
         for node in self.agents.refresh():
             self._joined(node)
         for node in (set(self.inflight) | set(self.node_snapshots) | set(self.where.values())) - set(self.agents.nodes):
-            self.inflight.pop(node, None)
-            self._node_gone(node, "its node left the cluster", now)
+            asked = self.inflight.pop(node, (None, now))[1]
+            self._unreachable(node, "its node left the cluster", asked)
         self._ask_all()
         if not self.inflight and wait_s > 0:
             time.sleep(wait_s)  # no node to hear from: look for one again later
         for node, result in self.agents.gather(self.inflight, wait_s):
-            del self.inflight[node]
+            _, asked = self.inflight.pop(node)
             if isinstance(result, Exception):
-                self._agent_failed(node, result, self.clock())
+                self._agent_failed(node, result, asked)
             else:
+                if self.unreachable.pop(node, None) is not None:
+                    log.info("node answering again", node=node)
                 self._heard(node, result, self.clock())
         now = self.clock()
         for node, (_, asked) in list(self.inflight.items()):
-            if now - asked > self.config.poll + self.node_timeout:
+            if now - asked > self._patience():
                 self.inflight.pop(node)
                 self.agents.forget(node)
-                self._node_gone(node, f"its agent did not answer for {self.node_timeout:g} s", now)
+                self._unreachable(node, f"its agent did not answer for {self.node_timeout:g} s", asked)
+        for node, since in list(self.unreachable.items()):
+            if now - since > self._patience():
+                del self.unreachable[node]
+                self._node_gone(node, f"not heard from for {now - since:.0f} s", now)
         if not self.draining and not self.force:
             self._plan_and_launch(now)
         self._write_status()
@@ -167,7 +178,10 @@ class Coordinator:
                 self._failed(task, node, "lost", now, note="its node has no trace of it")
 
     def _joined(self, node: str) -> None:
-        log.info("node joined", node=node)
+        """A node with a new agent: one that joined, came back, or whose agent was replaced."""
+        if node not in self.seen_nodes:
+            self.seen_nodes.add(node)
+            log.info("node joined", node=node)
         back = [u for u, n in self.abandoned.items() if n == node]
         if not back:
             return
@@ -194,14 +208,30 @@ class Coordinator:
                         "ending that copy", uni_id=uid, node=node)
             self.agents.submit(node, "kill", [uid])
 
-    def _agent_failed(self, node: str, exc: Exception, now: float) -> None:
-        """A dead agent on a live node is replaced at once (the next refresh starts a new one,
-        which adopts the node's tasks); a dead node's tasks are lost."""
+    def _patience(self) -> float:
+        """How long a node may go unheard before its tasks count as lost: its observe's wait, the
+        --node-timeout, and a margin, so that the supervisors' fence (--node-timeout after the
+        node's agent died) has ended the old copies before they run elsewhere."""
+        return self.config.poll + self.node_timeout + FENCE_MARGIN_S
+
+    def _agent_failed(self, node: str, exc: Exception, asked: float) -> None:
+        """A dead agent on a live node is replaced (the next refresh starts a new one, which
+        adopts the node's tasks); until the node answers again it is unreachable, and its tasks
+        are lost once that has lasted `_patience()`."""
         self.agents.forget(node)
-        if node in self.agents.alive():
-            log.warning("agent died; starting a new one, which adopts its tasks", node=node, error=str(exc))
-            return
-        self._node_gone(node, f"its node died ({exc})", now)
+        self.node_snapshots.pop(node, None)
+        if node not in self.unreachable:
+            log.warning("node not answering; a new agent is asked for while it is alive, and its running tasks "
+                        f"count as lost if it is not back within {self.node_timeout:g} s", node=node,
+                        error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        self.unreachable.setdefault(node, asked)
+
+    def _unreachable(self, node: str, why: str, since: float) -> None:
+        self.node_snapshots.pop(node, None)
+        if node not in self.unreachable:
+            log.warning(f"node unreachable ({why}); its running tasks count as lost if it is not back within "
+                        f"{self.node_timeout:g} s", node=node)
+        self.unreachable.setdefault(node, since)
 
     def _node_gone(self, node: str, why: str, now: float) -> None:
         self.node_snapshots.pop(node, None)

@@ -160,7 +160,7 @@ def _prepare(spec: TaskSpec, gpu: str, attempt: int, paths: LaunchPaths, cuda_vi
 
 def start(spec: TaskSpec, gpu: str, attempt: int, paths: LaunchPaths, cuda_visible: str | None = None,
           gpus: tuple[str, ...] = (), timeout_s: float | None = None, grace_s: float = 10.0,
-          node: str | None = None) -> Child:
+          node: str | None = None, fence: tuple[str, float] | None = None) -> Child:
     """Fork a supervisor for the task in a new session; returns at once.
 
     The supervisor is a fork of the daemon rather than a new interpreter: everything it
@@ -175,6 +175,7 @@ def start(spec: TaskSpec, gpu: str, attempt: int, paths: LaunchPaths, cuda_visib
     A gpus=N task passes all its GPU keys in `gpus` (`gpu` is the first) and the comma list
     of their CUDA names in `cuda_visible`: that list is its CUDA_VISIBLE_DEVICES and its
     {available_gpu}. `timeout_s`: its time limit (SIGTERM, then SIGKILL `grace_s` later).
+    `node`, `fence`: for a node agent's task (`agent.py`).
     """
     cuda_visible = cuda_visible or gpu
     supervisor.load_prctl()  # once per daemon, not once per task's child
@@ -216,7 +217,7 @@ def start(spec: TaskSpec, gpu: str, attempt: int, paths: LaunchPaths, cuda_visib
         os.environ.update(env)
         code = supervisor.run([SHELL, "-c", script], spec.uni_id, str(paths.registry), str(log), quiet=True,
                               history=str(paths.history), meta=meta, title=title, timeout_s=timeout_s,
-                              grace_s=grace_s, done_fd=3).returncode
+                              grace_s=grace_s, done_fd=3, fence=fence).returncode
     except BaseException:  # noqa: BLE001 - report and leave; never unwind into the daemon
         try:
             import traceback

@@ -138,7 +138,7 @@ def _record(registry: Registry | None, uni_id: str, **fields: Any) -> None:
 def run(cmd: list[str], uni_id: str, registry: Registry | str | os.PathLike[str] | None, log_path: str | None = None,
         quiet: bool = False, history: str | None = None, meta: dict[str, Any] | None = None,
         title: str | None = None, timeout_s: float | None = None, grace_s: float = 10.0,
-        done_fd: int | None = None) -> ExecResult:
+        done_fd: int | None = None, fence: tuple[str, float] | None = None) -> ExecResult:
     """Run CMD to its end and record it; `registry` may be a path, opened once CMD runs.
 
     With `timeout_s`, CMD's process group gets SIGTERM once it has run that long and SIGKILL
@@ -193,7 +193,8 @@ def run(cmd: list[str], uni_id: str, registry: Registry | str | os.PathLike[str]
              threading.Thread(target=_pump, args=(child.stderr, err_sinks, tail, lock), daemon=True)]
     for pump in pumps:
         pump.start()
-    raw, timed_out = _wait(child, timeout_s, grace_s, log)
+    raw, why = _wait(child, timeout_s, grace_s, log, fence)
+    timed_out = why == "timeout"
     if done_fd is not None:
         _say_done(done_fd, child.pid)
     for pump in pumps:
@@ -219,6 +220,8 @@ def run(cmd: list[str], uni_id: str, registry: Registry | str | os.PathLike[str]
     else:
         error_type = classify(returncode, tail.text(), signalled=signalled, timed_out=timed_out)
         state = "normal_exit" if error_type is None else "abnormal_exit"
+    if why == "fenced":  # whatever it said as it was ended: it was ended because it runs elsewhere now
+        state, error_type = "abnormal_exit", "lost"
     if log:
         sig = killed_by(returncode)
         how = f"signal {procs.SIGNAL_NAMES.get(sig, sig)}" if sig else f"status {returncode}"
@@ -257,16 +260,32 @@ def _say_done(done_fd: int, pgid: int) -> None:
             pass
 
 
-def _wait(child: subprocess.Popen, timeout_s: float | None, grace_s: float, log: IO[bytes] | None) -> tuple[int, bool]:
-    """CMD's raw status, and whether it was ended at its time limit: SIGTERM to its group at
-    the limit, SIGKILL to the group after the grace period (whatever of it still runs)."""
-    if timeout_s is None:
-        return child.wait(), False
-    try:
-        return child.wait(timeout=timeout_s), False
-    except subprocess.TimeoutExpired:
-        pass
-    _limit_note(log, f"time limit: SIGTERM to the task's process group after {timeout_s:g} s")
+def _wait(child: subprocess.Popen, timeout_s: float | None, grace_s: float, log: IO[bytes] | None,
+          fence: tuple[str, float] | None = None) -> tuple[int, str | None]:
+    """CMD's raw status, and why it was ended if it was: "timeout" (its time limit) or "fenced"
+    (the fence went stale). Ending: SIGTERM to its group, SIGKILL to the group after the grace
+    period (whatever of it still runs)."""
+    started = time.monotonic()
+    why = None
+    while why is None:
+        step = _FENCE_CHECK_S if fence else None
+        if timeout_s is not None:
+            left = timeout_s - (time.monotonic() - started)
+            if left <= 0:
+                why = "timeout"
+                break
+            step = left if step is None else min(step, left)
+        try:
+            return child.wait(timeout=step), None
+        except subprocess.TimeoutExpired:
+            pass
+        if fence and _stale(*fence):
+            why = "fenced"
+    if why == "timeout":
+        _limit_note(log, f"time limit: SIGTERM to the task's process group after {timeout_s:g} s")
+    else:
+        _limit_note(log, f"fence: {fence[0]} not touched for {fence[1]:g} s (this node's agent is gone or "
+                         "cut off; the task runs again elsewhere): SIGTERM to the task's process group")
     _killpg(child.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     raw = None
@@ -276,11 +295,24 @@ def _wait(child: subprocess.Popen, timeout_s: float | None, grace_s: float, log:
         if raw is None:
             raw = child.poll()
         if raw is not None and not _killpg(child.pid, 0):
-            return raw, True
+            return raw, why
         time.sleep(0.05)
-    _limit_note(log, f"time limit: SIGKILL to what is left of the group after a further {grace_s:g} s")
+    _limit_note(log, f"{'time limit' if why == 'timeout' else 'fence'}: SIGKILL to what is left of the group "
+                     f"after a further {grace_s:g} s")
     _killpg(child.pid, signal.SIGKILL)
-    return (child.wait() if raw is None else raw), True
+    return (child.wait() if raw is None else raw), why
+
+
+_FENCE_CHECK_S = 1.0
+
+
+def _stale(path: str, seconds: float) -> bool:
+    try:
+        return time.time() - os.stat(path).st_mtime > seconds
+    except FileNotFoundError:
+        return True
+    except OSError:  # unreadable for another reason: not a proof that the agent is gone
+        return False
 
 
 def _killpg(pgid: int, sig: int) -> bool:
@@ -333,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, help="Seconds before CMD's group gets SIGTERM (then SIGKILL)")
     parser.add_argument("--grace", type=float, default=10.0, help="Seconds between SIGTERM and SIGKILL")
     parser.add_argument("--done-fd", type=int, help="A pipe on which to say that CMD's processes are gone")
+    parser.add_argument("--fence", nargs=2, metavar=("FILE", "SECONDS"),
+                        help="End CMD (as lost) once FILE has not been touched for SECONDS")
     parser.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     try:
@@ -346,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result = run(cmd, args.uni_id, args.registry, args.log, quiet=args.quiet,
                  history=args.history, meta=json.loads(args.meta), title=args.title, timeout_s=args.timeout,
-                 grace_s=args.grace, done_fd=args.done_fd)
+                 grace_s=args.grace, done_fd=args.done_fd,
+                 fence=(args.fence[0], float(args.fence[1])) if args.fence else None)
     return result.returncode
 
 

@@ -49,7 +49,7 @@ class Run:
                                               kill_grace=1), nodes)
 
     def new_coordinator(self) -> Coordinator:
-        c = Coordinator(self.config, self.specs, self.agents, node_timeout=2, out=lambda _: None)
+        c = Coordinator(self.config, self.specs, self.agents, node_timeout=1, out=lambda _: None)
         c.resume()
         return c
 
@@ -105,7 +105,7 @@ def test_queues_spread_over_two_nodes_in_order_and_each_task_runs_once(tmp_path,
 
 
 def test_a_node_that_leaves_has_its_tasks_run_elsewhere_and_a_copy_that_comes_back_is_ended(tmp_path, stop_all):
-    run = Run(tmp_path, [("1", 3.0), ("2", 0.3)], ["n1", "n2"], simulate="1x24")
+    run = Run(tmp_path, [("1", 6.0), ("2", 0.3)], ["n1", "n2"], simulate="1x24")
     stop_all(run)
     run.rounds(until=lambda: run.running_on("n1") and run.running_on("n2"))
     victim = run.running_on("n1")[0]
