@@ -335,7 +335,9 @@ class Coordinator:
     # --- status and the loop ----------------------------------------------------------------
 
     def view(self) -> dict[str, Any]:
-        return status.build(self, self.clock(), {})
+        view = status.build(self, self.clock(), {})
+        view["cluster"] = {"nodes": sorted(self.agents.nodes), "unreachable": sorted(self.unreachable)}
+        return view
 
     def _write_status(self, ending: int | None = None) -> None:
         try:

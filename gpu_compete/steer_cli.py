@@ -38,6 +38,17 @@ def _error(message: str, as_json: bool, code: int = USAGE) -> None:
     _say({"ok": False, "code": code, "message": message}, as_json)
 
 
+def _refuse_ray_run(state: Path, as_json: bool) -> None:
+    """A --ray run has no control socket and does not follow its command file yet: say so."""
+    try:
+        cluster = json.loads((state / "status.json").read_text()).get("cluster")
+    except (OSError, ValueError, AttributeError):
+        return
+    if cluster is not None:
+        _error(f"the run on {state} is a --ray run: changing its queue while it runs (add, skip, retry, kill, "
+               "pause, resume, reload) is not supported with --ray yet; `gpu-compete stop` drains it", as_json)
+
+
 def _ask(state_dir: str, payload: dict[str, Any], as_json: bool) -> None:
     from .control import ControlError, request
     from .pidfile import running_daemon
@@ -48,6 +59,7 @@ def _ask(state_dir: str, payload: dict[str, Any], as_json: bool) -> None:
     info = running_daemon(state)
     if info is None:
         _error(f"no gpu-compete daemon is running on {state_dir}", as_json)
+    _refuse_ray_run(state, as_json)
     try:
         answer = request(state, payload, info["pid"])
     except ControlError as exc:
@@ -84,7 +96,10 @@ def register(main: click.Group) -> None:
         gpu-compete add --queue 1 --vram 20 -- python train.py --lr 1e-3 --run {uni_id}
         """
         from .appender import AddError, append, block_text
+        from .pidfile import running_daemon
 
+        if running_daemon(Path(state_dir)) is not None:
+            _refuse_ray_run(Path(state_dir), as_json)
         if commands_file is None:
             try:
                 status = json.loads((Path(state_dir) / "status.json").read_text())

@@ -129,7 +129,12 @@ def test_a_command_file_spreads_over_the_nodes_and_every_task_runs_once(tmp_path
 def test_kill_9_of_the_coordinator_then_the_same_command_adopts_and_runs_nothing_twice(tmp_path, cluster):
     run = ClusterRun(tmp_path, cluster.address, [("1", 3.0), ("2", 3.0), ("1", 0.3), ("2", 0.3)])
     proc = run.start()
-    wait_for(lambda: len(run.attempts()) >= 2, 30, "two tasks to start")
+    wait_for(lambda: len(run.attempts()) >= 2 and len(run.running()) == 2, 30, "two tasks to start")
+    shown = subprocess.run([console_script(), "status", "--state-dir", str(run.state)], capture_output=True, text=True)
+    assert shown.returncode == 0 and "n0/0" in shown.stdout and "n1/0" in shown.stdout, shown.stdout
+    refused = subprocess.run([console_script(), "pause", "--state-dir", str(run.state)], capture_output=True,
+                             text=True)
+    assert refused.returncode != 0 and "not supported with --ray yet" in refused.stderr
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
     run.start()
