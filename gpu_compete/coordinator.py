@@ -30,7 +30,6 @@ from . import journal, status
 from .classify import is_permanent
 from .daemon import Config, all_ended, exit_code
 from .gpus.base import GpuSnapshot, current_user
-from .hostguard import GuardWatch
 from .policy import Placement, build_views, candidates, lease_active, plan_round
 from .tasks import Queue, Task, TaskSpec, TaskState, group_queues
 from .timefmt import iso
@@ -65,10 +64,8 @@ class Coordinator:
         self.inflight: dict[str, tuple[Any, float]] = {}  # node -> (its observe call, when asked)
         self.unreachable: dict[str, float] = {}  # node not heard from -> since when (its last ask)
         self.seen_nodes: set[str] = set()
-        self.ghosts: dict[int, float] = {}  # (status.build reads it; ghosts are per node, below)
         self.node_ghosts: dict[str, set[int]] = {}  # pids of ended tasks each agent says not to count
         self.waiting_why: dict[str, str] = {}
-        self.guard = GuardWatch(config.guard, config.work_dir, lambda: iso(self.wall()))
         self.draining = self.force = self.status_requested = False
         self.next_status = 0.0
 
@@ -335,7 +332,9 @@ class Coordinator:
     # --- status and the loop ----------------------------------------------------------------
 
     def view(self) -> dict[str, Any]:
-        view = status.build(self, self.clock(), {})
+        scene = status.Scene(self.wall(), self.config.exclusive, self.config.settle, self.user, self.queues,
+                             self.snapshots, (), self.draining, self.force, waiting_why=self.waiting_why)
+        view = status.build(scene, self.clock(), {})
         view["cluster"] = {"nodes": sorted(self.agents.nodes), "unreachable": sorted(self.unreachable)}
         return view
 

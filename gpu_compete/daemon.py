@@ -253,13 +253,18 @@ class Daemon(Reconciling, Outcomes, Placing):
         plan = plan_round(candidates(self.queues, now), views, self.rng, self.config.exclusive, self.config.pick)
         return status.render_dry_run(self, views, {launch.uni_id: ",".join(launch.gpus) for launch in plan})
 
+    def scene(self) -> status.Scene:
+        return status.Scene(self.wall(), self.config.exclusive, self.config.settle, self.user, self.queues,
+                            self.snapshots, self.ghosts, self.draining, self.force, self.guard.why, self.guard.since,
+                            self.waiting_why)
+
     def view(self) -> dict[str, Any]:
         now = self.clock()
         try:
             records = self.registry.read()
         except RegistryError:
             records = {}
-        view = status.build(self, now, records)
+        view = self.observer.annotate(status.build(self.scene(), now, records))
         self.steer.view(view)
         return view
 

@@ -10,7 +10,8 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Collection, Mapping, Sequence
 
 from . import atomic, procs
 from .policy import GpuView, Placement, after_state, build_views, candidates, fits, head, lease_active, queue_status
@@ -18,6 +19,31 @@ from .tasks import GIB, TaskState
 
 if TYPE_CHECKING:  # pragma: no cover
     from .daemon import Daemon
+    from .gpus.base import GpuSnapshot
+    from .tasks import Queue
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What a status view is built from, taken once a round by whoever runs the queues (the
+    single-machine daemon, the --ray coordinator): `build` reads this, never their objects."""
+
+    wall: float
+    exclusive: bool
+    settle: float
+    user: str
+    queues: Mapping[str, "Queue"]  # the tasks as they stand this round
+    snapshots: Sequence["GpuSnapshot"]
+    ghosts: Collection[int] = ()  # pids of ended tasks not counted (one machine's)
+    draining: bool = False
+    forcing: bool = False
+    guard_why: str | None = None
+    guard_since: str | None = None
+    waiting_why: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> dict[str, Any]:
+        return {t.uni_id: t for q in self.queues.values() for t in q}
 
 
 def records_view(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -32,20 +58,21 @@ def records_view(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    wall = daemon.wall()
-    exclusive = daemon.config.exclusive
-    running = [t for t in daemon.tasks.values() if t.state is TaskState.RUNNING]
-    placements = [Placement(key, t.need_bytes, lease_active(t, now, daemon.config.settle))
+def build(scene: Scene, now: float, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    wall = scene.wall
+    exclusive = scene.exclusive
+    tasks = scene.tasks
+    running = [t for t in tasks.values() if t.state is TaskState.RUNNING]
+    placements = [Placement(key, t.need_bytes, lease_active(t, now, scene.settle))
                   for t in running for key in t.gpu_keys]  # as daemon.placements(), without a second scan
-    views = build_views(daemon.snapshots, placements, daemon.user, ignored=daemon.ghosts)
-    waits = Waits(views, exclusive, daemon.draining or daemon.force)
-    due = {c.uni_id for c in candidates(daemon.queues, now)}
+    views = build_views(scene.snapshots, placements, scene.user, ignored=scene.ghosts)
+    waits = Waits(views, exclusive, scene.draining or scene.forcing)
+    due = {c.uni_id for c in candidates(scene.queues, now)}
     totals = dict.fromkeys(("pending", "running", "retrying", "backing_off", "completed", "failed", "blocked",
                             "skipped"), 0)
     queues, backing_off = [], []
-    for name, queue in daemon.queues.items():
-        qstatus = queue_status(queue, daemon.queues)
+    for name, queue in scene.queues.items():
+        qstatus = queue_status(queue, scene.queues)
         counts = dict.fromkeys(totals, 0)
         for task in queue:
             if task.state is TaskState.PENDING:
@@ -67,7 +94,7 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
             "gpus": list(current.gpus) if on_gpu and current.gpus else None,
             **_vram(current),
             "error_type": current.error_type if current else None,
-            "why": _why_waiting(daemon, current, qstatus),
+            "why": _why_waiting(scene, current, qstatus),
             "attempt": current.retry_count + 1 if current else None,
             "adopted": bool(current and current.adopted),
             "elapsed_s": _elapsed(current, records, now, wall) if on_gpu else None,
@@ -83,12 +110,12 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
                 # stay; its generic one gives way to what is short now.
                 entry["why"] = waits.why(current.need_bytes)
         queues.append(entry)
-    waiting_vram = [daemon.tasks[u].need_bytes for u in due if daemon.tasks[u].state is not TaskState.RUNNING]
+    waiting_vram = [tasks[u].need_bytes for u in due if tasks[u].state is not TaskState.RUNNING]
     gpus = []
-    for snap in daemon.snapshots:
+    for snap in scene.snapshots:
         here = [t for t in running if snap.key in t.gpu_keys]
-        mine = snap.user_processes(daemon.user)
-        others = [p for p in snap.processes if p.user != daemon.user]
+        mine = snap.user_processes(scene.user)
+        others = [p for p in snap.processes if p.user != scene.user]
         gpus.append({
             "index": snap.index, "key": snap.key, "name": snap.name, "available": snap.available, "error": snap.error,
             "free_bytes": snap.free_bytes, "total_bytes": snap.total_bytes, "utilization": snap.utilization,
@@ -97,21 +124,20 @@ def build(daemon: "Daemon", now: float, records: dict[str, dict[str, Any]]) -> d
             "others": [{"pid": p.pid, "user": p.user, "used_bytes": p.used_bytes} for p in others[:8]],
             "user_pids": [p.pid for p in mine],
             "running": [t.uni_id for t in here],
-            "leased": [t.uni_id for t in here if lease_active(t, now, daemon.config.settle)],
+            "leased": [t.uni_id for t in here if lease_active(t, now, scene.settle)],
         })
     view = {
         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(wall)), "updated_epoch": round(wall, 3),
-        "daemon": {"pid": os.getpid(), "draining": daemon.draining,
+        "daemon": {"pid": os.getpid(), "draining": scene.draining,
                    "mode": "exclusive" if exclusive else "shared"},
-        "host_guard": None if daemon.guard.why is None else {"why": daemon.guard.why, "since": daemon.guard.since},
+        "host_guard": None if scene.guard_why is None else {"why": scene.guard_why, "since": scene.guard_since},
         "totals": totals, "queues": queues, "gpus": gpus, "backing_off": backing_off,
         "gpus_free_for_waiting": waits.able(waiting_vram),
-        "registry": records_view({u: r for u, r in records.items() if u in daemon.tasks}),
-        "other_records": sum(1 for u in records if u not in daemon.tasks),
-        "task_ids": sorted(daemon.tasks),
+        "registry": records_view({u: r for u, r in records.items() if u in tasks}),
+        "other_records": sum(1 for u in records if u not in tasks),
+        "task_ids": sorted(tasks),
     }
-    observer = getattr(daemon, "observer", None)
-    return observer.annotate(view) if observer is not None else view
+    return view
 
 
 def _elapsed(task: Any, records: dict[str, dict[str, Any]], now: float, wall: float) -> float | None:
@@ -173,19 +199,19 @@ def _retry_in(task: Any, now: float) -> float | None:
     return round(task.retry_at - now, 1)
 
 
-def _why_waiting(daemon: "Daemon", task: Any, qstatus: str) -> str | None:
+def _why_waiting(scene: Scene, task: Any, qstatus: str) -> str | None:
     """A plain reason why a queue's head is not running, where there is one to give."""
     if task is None or task.state is TaskState.RUNNING or task.state is TaskState.COMPLETED:
         return None
     if task.state is TaskState.FAILED:
         return f"failed for good ({task.error_type or 'unknown'}); its queue is blocked"
     if task.state is TaskState.PENDING and task.spec.after:
-        state, why = after_state(task, daemon.queues)
+        state, why = after_state(task, scene.queues)
         if state != "ready":
             return why
     if task.state is TaskState.RETRY and task.error_type == "stopped":
-        return "stopped; runs on restart" if daemon.draining or daemon.force else "stopped; runs again now"
-    return daemon.waiting_why.get(task.uni_id)
+        return "stopped; runs on restart" if scene.draining or scene.forcing else "stopped; runs again now"
+    return scene.waiting_why.get(task.uni_id)
 
 
 def render_dry_run(daemon: "Daemon", views: list[GpuView], plan: dict[str, int]) -> str:
