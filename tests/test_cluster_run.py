@@ -171,6 +171,7 @@ def test_an_agent_killed_mid_run_is_replaced_and_its_task_adopted(tmp_path, clus
     assert [h["state"] for h in run.history()] == ["normal_exit", "normal_exit"]
 
 
+@pytest.mark.slow  # the coordinator's side of a join is tested quickly without Ray (test_coordinator.py)
 def test_a_node_that_joins_mid_run_is_used(tmp_path, cluster):
     run = ClusterRun(tmp_path, cluster.address, [(str(q), 2.5) for q in range(6)])
     run.start()
