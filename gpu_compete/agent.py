@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import threading
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from .forkserver import ForkServer
 from .gpus import open_probe
 from .gpus.base import GpuSnapshot
 from .outcomes import GHOST_S
-from .placing import descends
+from .placing import dead_listed, descends, launch_record, roots_of
 from .registry import Registry, RegistryError, private_dirs
 from .tasks import TaskSpec
 from .timefmt import iso
@@ -108,14 +107,12 @@ class Agent:
             fields = {"state": "running", "retry_count": retry_count, "gpu": keys[0], "node": self.node,
                       "queue": spec.queue, "attempt": attempt, "supervisor_pid": child.pid,
                       "supervisor_create_time": created, "started_at": now, "updated_at": now}
+            if len(keys) > 1:
+                fields["gpus"] = list(keys)  # a gpus=N task is confirmed, and left, on all of them
             uid = spec.uni_id
 
             def change(data: dict[str, Any]) -> None:
-                old = data.get(uid) if isinstance(data.get(uid), dict) else {}
-                if old.get("exec_pid") == child.pid:  # the supervisor wrote first: its fields stay
-                    data[uid] = {**old, **{k: v for k, v in fields.items() if k != "state"}}
-                else:
-                    data[uid] = {**fields, "pid": child.pid, "create_time": created}
+                data[uid] = launch_record(data.get(uid), fields)
 
             try:
                 self.registry.update(change)
@@ -242,7 +239,7 @@ class Agent:
         """Whether a process of the task's tree shows on its GPU; the pids seen are kept, so
         they are not counted once the task has ended (NVML lists them a moment longer)."""
         roots = self._roots(uid, record)
-        keys = {str((record or {}).get("gpu"))} | {str(k) for k in (record or {}).get("gpus") or ()}
+        keys = _keys(record or {})
         mine = {p.pid for s in snapshots if s.key in keys for p in s.processes
                 if p.pid not in self.ghosts and descends(p.pid, roots)}
         if mine:
@@ -256,25 +253,14 @@ class Agent:
         (a task of ours was seen on its GPU): in a container every pid would look dead."""
         if not self.pids_ours:
             return
-        keys = {str(record.get("gpu"))} | {str(k) for k in record.get("gpus") or ()}
-        for snap in snapshots:
-            if snap.key in keys:
-                for p in snap.processes:
-                    if p.pid not in self.ghosts and procs.liveness(p.pid) == "dead":
-                        self.ghosts[p.pid] = now + GHOST_S
+        for pid in dead_listed(snapshots, _keys(record), self.ghosts):
+            self.ghosts[pid] = now + GHOST_S
 
     def _roots(self, uid: str, record: dict[str, Any] | None) -> set[int]:
-        record = record or {}
-        roots = {p for p in (record.get("supervisor_pid"), record.get("pid")) if procs.is_pid(p)}
-        child = self.children.get(uid)
-        if child is not None:
-            roots.add(child.pid)
-        return roots
+        return roots_of(record or {}, self.children.get(uid))
 
     def _leftovers(self, uid: str, record: dict[str, Any] | None) -> None:
-        """What a dead supervisor left behind is ended before the task runs again anywhere."""
-        procs.signal_group(*stopping.worker_group(record or {}), signal.SIGKILL)
-        procs.kill_all(procs.processes_with_env(**{evidence.UNI_ID_ENV: uid, evidence.NAMESPACE_ENV: self.namespace}))
+        stopping.end_leftovers(record or {}, uid, self.namespace)
 
     def _exited(self, uid: str) -> bool:
         fd = self.exits.get(uid)
@@ -338,6 +324,11 @@ class Agent:
                 with self.lock:
                     if any(self._exited(uid) for uid in self.children):
                         return
+
+
+def _keys(record: dict[str, Any]) -> set[str]:
+    """The local GPU keys a record names (`gpu`, and `gpus` for a gpus=N task)."""
+    return {str(record.get("gpu"))} | {str(k) for k in record.get("gpus") or ()}
 
 
 def _named(snap: GpuSnapshot, node: str) -> GpuSnapshot:

@@ -245,7 +245,7 @@ class Coordinator:
 
     def _ended(self, task: Task, node: str, how: dict[str, Any], now: float) -> None:
         if how["outcome"] == "normal_exit":
-            self._release(task, now)
+            self._release(task)
             task.state, task.error_type = TaskState.COMPLETED, None
             self._append({"uni_id": task.uni_id, "state": "normal_exit", "queue": task.spec.queue,
                           "node": node, "gpu": task.gpu, "attempt": task.retry_count + 1,
@@ -259,7 +259,7 @@ class Coordinator:
 
     def _failed(self, task: Task, node: str, error_type: str, now: float, note: str | None = None,
                 how: dict[str, Any] | None = None) -> None:
-        self._release(task, now)
+        self._release(task)
         permanent = is_permanent(error_type) and not self.config.retry_permanent
         decision = self.config.retry.after_failure(task.retry_count, now, max_retries=task.spec.retries,
                                                    permanent=permanent)
@@ -279,7 +279,7 @@ class Coordinator:
                         retry_in_s=round(decision.at - now, 1), note=note)
         self._append(entry)
 
-    def _release(self, task: Task, now: float) -> None:
+    def _release(self, task: Task) -> None:
         self.where.pop(task.uni_id, None)
         self.gone.discard(task.uni_id)
 

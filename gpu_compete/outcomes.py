@@ -5,12 +5,11 @@ A mixin of `Daemon` (its state lives there); split out so each piece stays small
 
 from __future__ import annotations
 
-import signal
 from typing import Any
 
 import structlog
 
-from . import evidence, launcher, procs, stopping, vram
+from . import evidence, launcher, stopping, vram
 from .classify import is_permanent
 from .gpus.base import key_to_record
 from .tasks import Task, TaskState
@@ -63,15 +62,8 @@ class Outcomes:
         log.info("task completed", uni_id=uid, queue=task.spec.queue, gpu=task.gpu)
 
     def _lost(self, task: Task, why: str, now: float) -> None:
-        # Whatever the supervisor left behind is ended before the task runs again: its
-        # recorded process group, and any process still carrying this task's id and our
-        # namespace in its environment (the supervisor may have died before recording).
-        if self.ledger.read_only:  # a dry run touches no process
-            self._failed(task, "lost", now, note=why)
-            return
-        procs.signal_group(*stopping.worker_group(self.known.get(task.uni_id, {})), signal.SIGKILL)
-        procs.kill_all(procs.processes_with_env(**{evidence.UNI_ID_ENV: task.uni_id,
-                                                   evidence.NAMESPACE_ENV: self.namespace}))
+        if not self.ledger.read_only:  # a dry run touches no process
+            stopping.end_leftovers(self.known.get(task.uni_id, {}), task.uni_id, self.namespace)
         self._failed(task, "lost", now, note=why)
 
     def _failed(self, task: Task, error_type: str, now: float, note: str | None = None) -> None:

@@ -5,7 +5,7 @@ A mixin of `Daemon` (its state lives there); split out so each piece stays small
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Collection
 
 import psutil
 import structlog
@@ -81,12 +81,7 @@ class Placing:
     def _roots(self, task: Task) -> set[int]:
         """The task's supervisor and the pid the registry names for it: a process on the GPU
         that is one of these or descends from one is the task's."""
-        record = self.known.get(task.uni_id, {})
-        roots = {p for p in (record.get("supervisor_pid"), record.get("pid")) if procs.is_pid(p)}
-        child = self.children.get(task.uni_id)
-        if child is not None:
-            roots.add(child.pid)
-        return roots
+        return roots_of(self.known.get(task.uni_id, {}), self.children.get(task.uni_id))
 
     def placements(self, now: float) -> list[Placement]:
         """One per GPU a running task holds (a gpus=N task holds N). A task whose supervisor
@@ -153,11 +148,8 @@ class Placing:
         self.vacated = {key: until for key, until in self.vacated.items() if until > now}
         if self.foreign_pids or not self.vacated:
             return
-        for snap in self.snapshots:
-            if snap.key in self.vacated:
-                for p in snap.processes:
-                    if p.pid not in self.ghosts and procs.liveness(p.pid) == "dead":
-                        self.ghosts[p.pid] = now + GHOST_S
+        for pid in dead_listed(self.snapshots, self.vacated, self.ghosts):
+            self.ghosts[pid] = now + GHOST_S
 
     def _plan_and_launch(self, now: float) -> None:
         cands = self.steer.allowed(candidates(self.queues, now))
@@ -242,16 +234,7 @@ class Placing:
         uid = task.uni_id
 
         def change(data: dict[str, Any]) -> None:
-            old = data.get(uid) if isinstance(data.get(uid), dict) else {}
-            if old.get("exec_pid") == child.pid:
-                # This attempt's supervisor wrote first (a fast task may even have ended): what
-                # it recorded (worker pid, group, final state, error type) stays.
-                record = {**old, **{k: v for k, v in fields.items() if k != "state"}}
-            else:
-                # Fields of the previous attempt go; its process group above all, which must
-                # never be taken for this attempt's.
-                record = {k: v for k, v in old.items() if k not in _ATTEMPT_FIELDS}
-                record.update(fields, pid=child.pid, create_time=fields["supervisor_create_time"])
+            record = launch_record(data.get(uid), fields)
             data[uid] = record
             self.known[uid] = dict(record)
 
@@ -273,6 +256,36 @@ class Placing:
 
 def _gb(size: int) -> str:
     return f"{size / GIB:.1f}".removesuffix(".0")
+
+
+def launch_record(old: object, fields: dict[str, Any]) -> dict[str, Any]:
+    """A task's registry record once its supervisor (`fields["supervisor_pid"]`) has started."""
+    old = old if isinstance(old, dict) else {}
+    sup = fields["supervisor_pid"]
+    if old.get("exec_pid") == sup:
+        # This attempt's supervisor wrote first (a fast task may even have ended): what it
+        # recorded (worker pid, group, final state, error type) stays.
+        return {**old, **{k: v for k, v in fields.items() if k != "state"}}
+    # Fields of the previous attempt go; its process group above all, which must never be
+    # taken for this attempt's.
+    record = {k: v for k, v in old.items() if k not in _ATTEMPT_FIELDS}
+    record.update(fields, pid=sup, create_time=fields["supervisor_create_time"])
+    return record
+
+
+def roots_of(record: dict[str, Any], child: launcher.Child | None) -> set[int]:
+    """The pids a task's processes descend from: its supervisor and the pid its record names."""
+    roots = {p for p in (record.get("supervisor_pid"), record.get("pid")) if procs.is_pid(p)}
+    if child is not None:
+        roots.add(child.pid)
+    return roots
+
+
+def dead_listed(snapshots: list[GpuSnapshot], keys: Collection[str], known: Collection[int]) -> list[int]:
+    """Pids listed on these GPUs, not in `known`, whose process no longer exists (a zombie
+    counts as gone): what NVML lists for a moment after a process exits."""
+    return [p.pid for snap in snapshots if snap.key in keys for p in snap.processes
+            if p.pid not in known and procs.liveness(p.pid) == "dead"]
 
 
 def descends(pid: int, roots: set[int], depth: int = 32) -> bool:

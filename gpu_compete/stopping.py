@@ -23,6 +23,16 @@ def worker_group(record: dict[str, Any]) -> tuple[Any, Any]:
     return pgid, record.get("create_time") if record.get("pid") == pgid else None
 
 
+def end_leftovers(record: dict[str, Any], uni_id: str, namespace: str) -> None:
+    """What a dead supervisor left behind, ended before its task runs again: the recorded
+    process group of its worker, and any process still carrying the task's id and our
+    namespace in its environment (the supervisor may have died before recording)."""
+    from .evidence import NAMESPACE_ENV, UNI_ID_ENV
+
+    procs.signal_group(*worker_group(record), signal.SIGKILL)
+    procs.kill_all(procs.processes_with_env(**{UNI_ID_ENV: uni_id, NAMESPACE_ENV: namespace}))
+
+
 def end_tasks(records: Iterable[dict[str, Any]], grace: float, reap: Callable[[], None],
               clock: Callable[[], float] = time.monotonic) -> None:
     """SIGTERM each task's verified supervisor, wait up to `grace` seconds for their groups

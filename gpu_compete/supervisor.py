@@ -364,24 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--title", help="What the log header says is running (default: the command)")
     parser.add_argument("--timeout", type=float, help="Seconds before CMD's group gets SIGTERM (then SIGKILL)")
     parser.add_argument("--grace", type=float, default=10.0, help="Seconds between SIGTERM and SIGKILL")
-    parser.add_argument("--done-fd", type=int, help="A pipe on which to say that CMD's processes are gone")
-    parser.add_argument("--fence", nargs=2, metavar=("FILE", "SECONDS"),
-                        help="End CMD (as lost) once FILE has not been touched for SECONDS")
     parser.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
-    try:
-        import setproctitle
-
-        setproctitle.setproctitle(f"gpu-compete: supervisor {args.uni_id}")
-    except ImportError:  # pragma: no cover - a dependency, but never worth failing a task over
-        pass
     cmd = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
     import json
 
     result = run(cmd, args.uni_id, args.registry, args.log, quiet=args.quiet,
                  history=args.history, meta=json.loads(args.meta), title=args.title, timeout_s=args.timeout,
-                 grace_s=args.grace, done_fd=args.done_fd,
-                 fence=(args.fence[0], float(args.fence[1])) if args.fence else None)
+                 grace_s=args.grace)
     return result.returncode
 
 
