@@ -17,6 +17,7 @@ import pytest
 from gpu_compete import cluster as glue
 from gpu_compete.cluster import Agents, ClusterError, NodeGone, NodeTimeout, name_nodes
 
+from .helpers import wait_for
 from .ray_harness import ray_cluster  # noqa: F401 - a fixture
 
 ECHO = "tests.cluster_fixture_agent:EchoAgent"
@@ -33,15 +34,6 @@ def agents(ray_cluster):  # noqa: F811
     yield make
     for a in made:
         a.shutdown_all()
-
-
-def wait_for(condition, timeout: float = 30.0):
-    end = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() > end:
-            return value
-        time.sleep(0.1)
 
 
 def free_port() -> int:
@@ -255,9 +247,9 @@ def test_a_node_that_joins_and_leaves(agents, ray_cluster):  # noqa: F811
         assert a.call("n3", "whoami", timeout=60)["node_id"] == glue.alive_nodes()["n3"]
     finally:
         ray_cluster.remove("n3")
-    gone = wait_for(lambda: isinstance(a.call_all("whoami", timeout=5).get("n3"), NodeGone))
+    gone = wait_for(lambda: isinstance(a.call_all("whoami", timeout=5).get("n3"), NodeGone), 30)
     assert gone
-    assert wait_for(lambda: "n3" not in glue.alive_nodes())
+    assert wait_for(lambda: "n3" not in glue.alive_nodes(), 30)
     assert a.refresh() == []
     assert a.nodes == ["n0", "n1", "n2"]
 
@@ -278,7 +270,7 @@ def test_a_node_that_joins_with_a_taken_name_leaves_the_old_one_its_name(agents,
         assert a.call(joined[0], "whoami", timeout=60)["node"] == joined[0]
     finally:
         ray_cluster.remove("dup")
-    assert wait_for(lambda: len(glue.alive_nodes()) == 3)
+    assert wait_for(lambda: len(glue.alive_nodes()) == 3, 30)
     assert a.refresh() == [] and a.nodes == ["n0", "n1", "n2"]
 
 
@@ -323,9 +315,9 @@ def test_kill_and_shutdown_all(agents):
     assert a.nodes == ["n1", "n2"]
     prefix = f"gpu-compete-agent:{tag}:"
     assert wait_for(lambda: sorted(n for n in ray.util.list_named_actors() if n.startswith(prefix))
-                    == [prefix + "n1", prefix + "n2"])
+                    == [prefix + "n1", prefix + "n2"], 30)
     Agents(ECHO, {}, tag).shutdown_all()  # another object of the same tag
-    assert wait_for(lambda: not [n for n in ray.util.list_named_actors() if n.startswith(prefix)])
+    assert wait_for(lambda: not [n for n in ray.util.list_named_actors() if n.startswith(prefix)], 30)
 
 
 @pytest.mark.slow
