@@ -115,7 +115,7 @@ class Agent:
                 data[uid] = launch_record(data.get(uid), fields)
 
             try:
-                self.registry.update(change)
+                self.registry.update(change, vital=False)
             except RegistryError:
                 pass  # the supervisor records the task itself; its outcome does not depend on this
         self._wake()

@@ -57,6 +57,7 @@ from .wakeloop import WakeLoop, set_flags
 log = structlog.get_logger("gpu_compete")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 130
+STATUS_LATE_S = 0.05  # the most a status put off for waiting exits is late
 
 
 def all_ended(queues: dict[str, Queue]) -> bool:
@@ -125,7 +126,7 @@ class Daemon(Reconciling, Outcomes, Placing):
         self._told_too_large: set[str] = set()
         self.vram = VramWatch(descends, self.user)
         self.guard = hostguard.GuardWatch(config.guard, config.work_dir, lambda: _iso(self.wall()))
-        self.draining = self.force = self.status_requested = False
+        self.draining = self.force = self.status_requested = self.status_owed = False
         self.next_status = 0.0
         self._pidfile_fd: int | None = None
         hooks = Hooks(config.on_event, config.hook_timeout, config.state_dir / "hooks.log") if config.on_event else None
@@ -173,6 +174,17 @@ class Daemon(Reconciling, Outcomes, Placing):
             self._watch_vram()
             if not self.draining and not self.force:
                 self._plan_and_launch(now)
+        self._write_status_unless_busy()
+
+    def _write_status_unless_busy(self) -> None:
+        """Write `status.json` (and run the round's events), unless more exits are already
+        waiting: when eight tasks end together, the next round's launches come first and the
+        status is written once, by the round that finds nothing waiting (or STATUS_LATE_S later)."""
+        loop = getattr(self, "loop", None)
+        if loop is not None and loop.pending():
+            self.status_owed = True
+            return
+        self.status_owed = False
         self._write_status()
 
     def _collect(self, now: float) -> None:
@@ -318,7 +330,8 @@ class Daemon(Reconciling, Outcomes, Placing):
                         break
                     if self.finished():
                         break
-                    self.loop.sleep_until(start + self.config.poll)
+                    wake = start + self.config.poll
+                    self.loop.sleep_until(min(wake, self.clock() + STATUS_LATE_S) if self.status_owed else wake)
             finally:
                 self.steer.close()
                 self._write_status(ending=self.exit_code())  # all_done, and running hooks finish

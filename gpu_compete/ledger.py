@@ -35,6 +35,7 @@ class Ledger:
         self.read_only = False  # a dry run decides as a real run would, and writes nothing
         self._batching = False
         self.touched: set[str] = set()  # tasks a pending change is about (as the writer says)
+        self._vital = False  # a pending change must survive a power cut (Registry.update)
 
     def write_pending(self) -> None:
         """Write what a batch holds so far, now. Before a launch: a change meant for a task's
@@ -43,7 +44,7 @@ class Ledger:
         if self._pending:
             self._batching, batching = False, self._batching
             try:
-                self.write(lambda data: None)
+                self.write(lambda data: None, vital=False)
             finally:
                 self._batching = batching
 
@@ -58,16 +59,18 @@ class Ledger:
         finally:
             self._batching = False
             if self._pending:
-                self.write(lambda data: None)
+                self.write(lambda data: None, vital=False)
 
     # --- the registry -------------------------------------------------------------------
 
-    def write(self, change: Change, uni_id: str | None = None) -> bool:
+    def write(self, change: Change, uni_id: str | None = None, vital: bool = True) -> bool:
         """Apply `change` to the registry (with every change still pending before it); inside
-        `batch()`, at the batch's end."""
+        `batch()`, at the batch's end. `vital=False`: a change that only says what runs now
+        (a launch), whose loss in a power cut is harmless."""
         if self.read_only:
             return True
         self._pending.append(change)
+        self._vital = self._vital or vital
         if uni_id is not None:
             self.touched.add(uni_id)
         if self._batching:
@@ -78,12 +81,13 @@ class Ledger:
                 pending(data)
 
         try:
-            self.registry.update(apply_all)
+            self.registry.update(apply_all, self._vital)
         except RegistryError as exc:
             self.report("registry", "cannot write the registry; running tasks go on", exc)
             return False
         self._pending.clear()
         self.touched.clear()
+        self._vital = False
         self.report("registry")
         return True
 
@@ -93,7 +97,7 @@ class Ledger:
         if self.unjournaled:
             self.write_successes()
         if self._pending:
-            self.write(lambda data: None)
+            self.write(lambda data: None, vital=False)
 
     # --- the history --------------------------------------------------------------------
 

@@ -238,7 +238,7 @@ class Placing:
             data[uid] = record
             self.known[uid] = dict(record)
 
-        self.ledger.write(change)
+        self.ledger.write(change, vital=False)  # says what runs: a power cut makes it untrue anyway
         log.info("task started", uni_id=uid, queue=task.spec.queue, gpu=gpu, attempt=attempt, pid=child.pid)
 
     def _watch_vram(self) -> None:

@@ -242,9 +242,12 @@ class Registry:
 
     # --- writing -------------------------------------------------------------------------
 
-    def update(self, change: Callable[[dict[str, Any]], None]) -> None:
+    def update(self, change: Callable[[dict[str, Any]], None], vital: bool = True) -> None:
         """Lock, read, let `change` edit the raw dict in place, write atomically. The dict is
         kept as the cache of what is on disk, so it is not handed back.
+
+        `vital=False`: the change only says what runs now, which a power cut makes untrue
+        anyway (nothing runs after it); its rename is not waited for on disk (`atomic.write`).
 
         Writers that take no lock are guarded against on both sides of the rename: if the
         file changed since we read it, we read and apply `change` again; if a writer had
@@ -256,15 +259,15 @@ class Registry:
             with self._lock:
                 for _ in range(20):
                     try:
-                        self._update_once(change)
+                        self._update_once(change, vital=vital)
                         return
                     except _Changed:
                         self._last = None
-                self._update_once(change, check=False)  # a writer that never stops: ours goes last
+                self._update_once(change, check=False, vital=vital)  # a writer that never stops: ours goes last
         except OSError as exc:
             raise RegistryError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
-    def _update_once(self, change: Callable[[dict[str, Any]], None], check: bool = True) -> None:
+    def _update_once(self, change: Callable[[dict[str, Any]], None], check: bool = True, vital: bool = True) -> None:
         try:
             fh = open(self.path, "rb")
         except FileNotFoundError:
@@ -280,7 +283,7 @@ class Registry:
                 if check and before is not None and self._identity() != before:
                     raise _Changed()
 
-            self._write(data, unchanged)
+            self._write(data, unchanged, vital)
             self._last = (self._identity(), data)
             if fh is not None:
                 self._rescue(fh, before, read_bytes)
@@ -308,7 +311,7 @@ class Registry:
             self._write(data, lambda: None)
             self._last = (self._identity(), data)
 
-    def _write(self, data: dict[str, Any], before_replace: Callable[[], None] | None = None) -> None:
+    def _write(self, data: dict[str, Any], before_replace: Callable[[], None] | None = None, vital: bool = True) -> None:
         """One record per line, keys sorted: readable by hand and by `grep`, and fast to write.
         A record's line is encoded again only when the record changed, so updating one record
         among a thousand costs little more than the write itself."""
@@ -325,12 +328,13 @@ class Registry:
             lines.append(line)
         text = "{\n" + ",\n".join(lines) + "\n}\n" if lines else "{}\n"
         payload = text.encode()
-        atomic.write(self.path, payload, before_replace=before_replace)
+        atomic.write(self.path, payload, before_replace=before_replace, sync_rename=vital)
         self._lines = cache
         self._good = payload
 
-    def set(self, uni_id: str, **fields: Any) -> dict[str, Any]:
-        """Merge `fields` into one record (None deletes a field); other records untouched."""
+    def set(self, uni_id: str, vital: bool = True, **fields: Any) -> dict[str, Any]:
+        """Merge `fields` into one record (None deletes a field); other records untouched.
+        `vital`: as for `update`."""
         check_uni_id(uni_id)
         result: dict[str, Any] = {}
 
@@ -346,7 +350,7 @@ class Registry:
             data[uni_id] = record
             result.update(record)
 
-        self.update(change)
+        self.update(change, vital)
         return result
 
     def remove(self, *uni_ids: str) -> None:

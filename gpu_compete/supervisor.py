@@ -118,7 +118,7 @@ def _warn(message: str) -> None:
         pass
 
 
-def _record(registry: Registry | None, uni_id: str, **fields: Any) -> None:
+def _record(registry: Registry | None, uni_id: str, vital: bool = True, **fields: Any) -> None:
     """Write to the registry; a failing disk is reported but never stops or kills the task."""
     from .registry import RegistryError
 
@@ -126,7 +126,7 @@ def _record(registry: Registry | None, uni_id: str, **fields: Any) -> None:
         return
     for attempt in range(3):
         try:
-            registry.set(uni_id, **fields)
+            registry.set(uni_id, vital, **fields)
             return
         except RegistryError as exc:
             if attempt == 2:
@@ -180,7 +180,7 @@ def run(cmd: list[str], uni_id: str, registry: Registry | str | os.PathLike[str]
     from .registry import RegistryError
 
     registry = _open_registry(registry)
-    _record(registry, uni_id, pid=child.pid, create_time=procs.create_time(child.pid), pgid=child.pid,
+    _record(registry, uni_id, False, pid=child.pid, create_time=procs.create_time(child.pid), pgid=child.pid,
             state="running", exec_pid=os.getpid(), started_at=_now(), error_type=None, exit_status=None)
 
     tail, lock = _Tail(), threading.Lock()

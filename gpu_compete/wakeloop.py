@@ -64,6 +64,16 @@ class WakeLoop:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
+    def pending(self) -> bool:
+        """True when a signal, a child's exit or a reader is already waiting to be served."""
+        if self._wake_r < 0:
+            return False
+        try:
+            ready, _, _ = select.select([self._wake_r, *self._readers], [], [], 0)
+        except (InterruptedError, OSError, ValueError):
+            return True  # look again in a moment rather than never
+        return bool(ready)
+
     def sleep_until(self, deadline: float) -> None:
         """Sleep until `deadline` (monotonic) or until a signal, a child's exit or a reader
         wakes us; readers are served as they become ready, without ending the sleep early."""
