@@ -179,6 +179,7 @@ def start(spec: TaskSpec, gpu: str, attempt: int, paths: LaunchPaths, cuda_visib
     """
     cuda_visible = cuda_visible or gpu
     supervisor.load_prctl()  # once per daemon, not once per task's child
+    supervisor.load_death_shim()
     script, meta, title, log, env = _prepare(spec, gpu, attempt, paths, cuda_visible, gpus, node)
     log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:

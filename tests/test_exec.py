@@ -427,3 +427,35 @@ def test_unusable_registry_does_not_change_exit_status(tmp_path: Path) -> None:
     assert proc.returncode == 4, err
     assert "could not record" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("shim", [True, False], ids=["setpriv", "preexec"])
+def test_a_task_dies_with_its_killed_supervisor(tmp_path: Path, shim: bool) -> None:
+    """SIGKILL of a supervisor ends its task at once (the kernel's parent-death signal), both
+    when the task starts through `setpriv --pdeathsig` (vfork) and through a preexec hook."""
+    import shutil
+
+    if shim and (sys.version_info < (3, 11) or not shutil.which("setpriv")):
+        pytest.skip("no setpriv, or Python before 3.11: the preexec path is the one used")
+    task_pid = tmp_path / "task.pid"
+    code = f"""
+import sys
+from gpu_compete import supervisor
+if {shim}:
+    supervisor.load_death_shim()
+    assert supervisor._SHIM, "setpriv --pdeathsig does not work here"
+else:
+    supervisor._SHIM = []
+supervisor.run(["bash", "-c", "echo $$ > {task_pid}; exec sleep 60"], "t1", {str(tmp_path / "uni_id.json")!r}, quiet=True)
+"""
+    sup = subprocess.Popen(python_cmd(code), env=clean_env())
+    try:
+        pid = wait_for(lambda: task_pid.exists() and task_pid.read_text().strip() and int(task_pid.read_text()),
+                       timeout=20, what="the task's pid")
+        assert procs.liveness(pid) != "dead"
+        sup.kill()
+        sup.wait(timeout=10)
+        wait_for(lambda: procs.liveness(pid) == "dead", timeout=10, what="the task to die with its supervisor")
+    finally:
+        sup.kill()
+        sup.wait(timeout=10)
