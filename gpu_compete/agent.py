@@ -23,7 +23,7 @@ import select
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import evidence, launcher, procs, stopping
 from .forkserver import ForkServer
@@ -45,13 +45,19 @@ def node_dir(state_dir: str | os.PathLike[str], node: str) -> Path:
 
 class Agent:
     def __init__(self, node: str, state_dir: str, work_dir: str, simulate: str | None = None, gpus: str = "all",
-                 kill_grace: float = 10.0, fence_s: float | None = None):
+                 kill_grace: float = 10.0, fence_s: float | None = None, contact_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         """`fence_s`: the coordinator's --node-timeout. While this agent lives it touches
         `agent.alive` every second; a supervisor started here ends its task (as lost) once the
         file is older than `fence_s`. The coordinator counts a node's tasks lost (and runs them
         elsewhere) only after it has not heard from the node for longer than that, so a node
-        whose Ray processes died (the machine alive) never keeps a second copy running; a dead
-        coordinator stops nothing (the agents live on, and a restarted one adopts the tasks)."""
+        whose Ray processes died (the machine alive) never keeps a second copy running.
+
+        `contact_s`: the file is touched only while a coordinator has called within that long,
+        or is known to be gone (`owner_gone`, see `attach_owner`). A node cut off from the
+        coordinator while its agent lives (a partition) thus ends its tasks before they run
+        elsewhere; a dead coordinator stops nothing (the agents live on, and a restarted one
+        adopts the tasks)."""
         self.node = node
         self.state = node_dir(state_dir, node).resolve()
         private_dirs(self.state / "logs")
@@ -63,6 +69,10 @@ class Agent:
         self.kill_grace = kill_grace
         self.heartbeat = self.state / "agent.alive"
         self.fence = (str(self.heartbeat), fence_s) if fence_s else None
+        self.clock = clock
+        self.contact_s = contact_s
+        self.last_contact = clock()
+        self.owner_gone: Callable[[], bool] = lambda: False
         self._beat()
         if self.fence:
             threading.Thread(target=self._beat_forever, name="agent-heartbeat", daemon=True).start()
@@ -80,16 +90,35 @@ class Agent:
     # --- the three calls ----------------------------------------------------------------------
 
     def ping(self) -> dict[str, Any]:
+        self._contact()
         return {"node": self.node, "pid": os.getpid(), "state_dir": str(self.state)}
+
+    def attach_owner(self, gone: Callable[[], bool]) -> None:
+        """How to tell that the coordinator now driving this agent is gone for good (its process
+        ended), as opposed to cut off: True only on proof (see `cluster.AgentActor.own`)."""
+        self.owner_gone = gone
+        self._contact()
+
+    def should_beat(self) -> bool:
+        """Touch the heartbeat now? While a coordinator calls, or once it is known to be gone
+        (nobody runs this node's tasks elsewhere then); not while it may be alive and cut off."""
+        if self.contact_s is None or self.clock() - self.last_contact <= self.contact_s:
+            return True
+        try:
+            return bool(self.owner_gone())
+        except Exception:  # noqa: BLE001 - cannot tell: not a proof
+            return False
 
     def snapshot(self) -> list[GpuSnapshot]:
         """This node's GPUs, named `node/key`."""
+        self._contact()
         return [_named(s, self.node) for s in self.probe.snapshot()]
 
     def launch(self, spec: TaskSpec, keys: list[str], cuda_visible: list[str], attempt: int, retry_count: int,
                timeout_s: float | None = None) -> dict[str, Any]:
         """Start a supervisor for the task on these local GPU keys; its registry record is
         written here (the node's registry), as the single-machine daemon writes it."""
+        self._contact()
         with self.lock:
             pid, done_fd = self.forks.start(spec=spec, gpu=keys[0], attempt=attempt, paths=self.paths,
                                             cuda_visible=",".join(cuda_visible),
@@ -131,6 +160,7 @@ class Agent:
         ended and its outcome is being written: its GPU is free), or `{"state": "ended",
         "outcome": "normal_exit" | "abnormal_exit" | "lost", "error_type", "exit_status", ...}`.
         A uid this node knows nothing of is `{"state": "unknown"}`."""
+        self._contact()
         self._wait(wait_s)
         with self.lock:
             snapshots = self.probe.snapshot()
@@ -155,6 +185,7 @@ class Agent:
         process lives here, or whose record says it runs or how it ended (a task may have ended
         while no coordinator watched; the coordinator takes the outcomes it has not taken yet).
         {uid: {"gpu", "attempt", "state"}}."""
+        self._contact()
         try:
             records = self.registry.read()
         except RegistryError:
@@ -175,6 +206,7 @@ class Agent:
     def kill(self, uni_ids: list[str]) -> None:
         """End these tasks' processes (SIGTERM, SIGKILL after the grace period); only
         processes we started, by their recorded identity or their environment."""
+        self._contact()
         try:
             records = self.registry.read()
         except RegistryError:
@@ -277,9 +309,13 @@ class Agent:
         if fd is not None:
             os.close(fd)
 
+    def _contact(self) -> None:
+        self.last_contact = self.clock()
+
     def _beat_forever(self) -> None:
         while True:
-            self._beat()
+            if self.should_beat():
+                self._beat()
             time.sleep(1.0)
 
     def _beat(self) -> None:

@@ -519,8 +519,6 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
                     guard=HostGuard(min_free_ram, min_free_disk))
     if ray_address:
         unsupported = [name for name, value in (("--dry-run", dry_run), ("--follow", follow),
-                                                ("--metrics-port", metrics_port is not None),
-                                                ("--on-event", bool(on_event)),
                                                 ("--min-free-ram", min_free_ram is not None),
                                                 ("--min-free-disk", min_free_disk is not None),
                                                 ("--registry", registry_file is not None)) if value]
@@ -528,8 +526,10 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
             _fail(f"{', '.join(unsupported)} cannot be used with --ray yet")
         from .cluster_run import run_on_cluster
 
+        metrics_at = (metrics_host, metrics_port) if metrics_port is not None else None
         sys.exit(run_on_cluster(ray_address, config, parsed.tasks, simulate=simulate, gpu_scope=gpu_scope,
-                                node_timeout=node_timeout, fail=_fail))
+                                node_timeout=node_timeout, fail=_fail,
+                                serve_metrics=lambda: _serve_metrics(*metrics_at, state) if metrics_at else None))
     probe = _open_probe(simulate, gpu_scope, namespace=str(state))
     try:
         book = CommandBook(Path(commands_file).resolve(), parsed)
@@ -547,17 +547,7 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
         server = None
         try:
             if metrics_port is not None:
-                from . import metrics
-
-                try:
-                    server = metrics.Server(metrics.bind(metrics_host, metrics_port), state)
-                except metrics.MetricsError as exc:
-                    _fail(str(exc))
-                import structlog
-
-                host, port = server.address
-                host = f"[{host}]" if ":" in host else host
-                structlog.get_logger("gpu_compete").info("serving metrics", url=f"http://{host}:{port}/metrics")
+                server = _serve_metrics(metrics_host, metrics_port, state)
             try:
                 daemon.resume()
             except DaemonError as exc:
@@ -570,6 +560,23 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
     finally:
         probe.close()
     sys.exit(code)
+
+
+def _serve_metrics(host: str, port: int, state: Path) -> Any:
+    """The metrics server's process (metrics.py), serving what `state` holds; exit 2 when the
+    port can't be used."""
+    from . import metrics
+
+    try:
+        server = metrics.Server(metrics.bind(host, port), state)
+    except metrics.MetricsError as exc:
+        _fail(str(exc))
+    import structlog
+
+    host, port = server.address
+    host = f"[{host}]" if ":" in host else host
+    structlog.get_logger("gpu_compete").info("serving metrics", url=f"http://{host}:{port}/metrics")
+    return server
 
 
 from .steer_cli import register as _register_steering  # noqa: E402  (needs `main`)

@@ -222,6 +222,33 @@ class AgentActor:
             raise AttributeError(f"not an agent call: {method}")
         return getattr(self.agent, method)(*args, **kwargs)
 
+    def own(self, lease: Any) -> None:
+        """The coordinator now driving this agent, by its lease: an actor owned by the
+        coordinator's driver, which Ray ends with it. The agent's heartbeat asks it when the
+        coordinator has been silent: an actor Ray reports dead is proof that the coordinator
+        is gone (keep the tasks for the next one); no answer is no proof (cut off: let the
+        fence end them before they run elsewhere)."""
+        import ray
+
+        def gone() -> bool:
+            try:
+                ray.get(lease.ping.remote(), timeout=2)
+            except ray.exceptions.RayActorError as exc:
+                unavailable = getattr(ray.exceptions, "ActorUnavailableError", ())
+                return not (unavailable and isinstance(exc, unavailable))
+            except Exception:  # noqa: BLE001 - a timeout, the cluster unreachable: no proof
+                return False
+            return False
+
+        self.agent.attach_owner(gone)
+
+
+class Lease:
+    """Lives as long as the coordinator's driver (an actor it owns, not detached)."""
+
+    def ping(self) -> bool:
+        return True
+
 
 def restore_start_environ(path: str = "/proc/self/environ") -> None:
     """Undo what Ray wrote into this worker's `os.environ` before `__init__` (see the module
@@ -269,6 +296,7 @@ class Agents:
                                       max_restarts=0)(AgentActor)
         self._names: dict[str, str] = {}  # NodeID hex -> name, for the alive nodes seen
         self._handles: dict[str, Any] = {}  # name -> actor handle, for the agents believed alive
+        self._lease: Any = None  # this driver's Lease, given to every agent it drives
 
     # --- the nodes ------------------------------------------------------------------------------
 
@@ -301,8 +329,14 @@ class Agents:
             name = self._names[node_id]
             if name not in self._handles:
                 self._handles[name] = self._start(name, node_id)
+                self._handles[name].own.remote(self._own_lease())
                 joined.append(name)
         return sorted(joined)
+
+    def _own_lease(self) -> Any:
+        if self._lease is None:
+            self._lease = self.ray.remote(num_cpus=0, num_gpus=0)(Lease).remote()
+        return self._lease
 
     def _start(self, node: str, node_id: str) -> Any:
         return self._actor.options(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn
 
 from . import pidfile
 from .daemon import EXIT_OK, Config
@@ -45,9 +45,12 @@ def fetch_log(address: str, state_dir: Path, uni_id: str, *, fail: Callable[...,
 
 
 def run_on_cluster(address: str, config: Config, specs: list[TaskSpec], *, simulate: str | None, gpu_scope: str,
-                   node_timeout: float, fail: Callable[[str], NoReturn]) -> int:
+                   node_timeout: float, fail: Callable[[str], NoReturn],
+                   serve_metrics: Callable[[], Any] = lambda: None) -> int:
+    """`serve_metrics()`: starts the metrics server (--metrics-port) once the state directory
+    is ours, and returns it (or None); it serves what the coordinator writes there."""
     from . import cluster
-    from .coordinator import Coordinator
+    from .coordinator import Coordinator, contact_s
 
     try:
         cluster.connect(address)
@@ -63,9 +66,11 @@ def run_on_cluster(address: str, config: Config, specs: list[TaskSpec], *, simul
     agents = cluster.Agents("gpu_compete.agent:Agent",
                             {"state_dir": str(config.state_dir), "work_dir": str(config.work_dir),
                              "simulate": simulate, "gpus": gpu_scope, "kill_grace": config.kill_grace,
-                             "fence_s": node_timeout},
+                             "fence_s": node_timeout, "contact_s": contact_s(config.poll)},
                             run_tag(config.state_dir), max_concurrency=2)
+    server = None
     try:
+        server = serve_metrics()
         coordinator = Coordinator(config, specs, agents, node_timeout=node_timeout)
         coordinator.resume()
         code = coordinator.run()
@@ -73,4 +78,6 @@ def run_on_cluster(address: str, config: Config, specs: list[TaskSpec], *, simul
             agents.shutdown_all()  # nothing of ours runs any more
         return code
     finally:
+        if server is not None:
+            server.stop()
         pidfile.release(lock)

@@ -30,7 +30,9 @@ from . import journal, status
 from .classify import is_permanent
 from .daemon import Config, all_ended, exit_code
 from .gpus.base import GpuSnapshot, current_user
-from .policy import Placement, build_views, candidates, lease_active, plan_round
+from .hooks import Hooks
+from .observe import Observer
+from .policy import Placement, build_views, candidates, fits, lease_active, plan_round
 from .tasks import Queue, Task, TaskSpec, TaskState, group_queues
 from .timefmt import iso
 from .wakeloop import WakeLoop, set_flags
@@ -39,6 +41,14 @@ log = structlog.get_logger("gpu_compete")
 #: Seconds a coordinator waits, beyond --node-timeout, before it runs elsewhere what ran on a
 #: node it does not hear from (the node's supervisors end their tasks at --node-timeout).
 FENCE_MARGIN_S = 2.0
+#: Seconds beyond --poll an agent keeps its node's heartbeat going without a call from the
+#: coordinator (its observe calls come once per --poll at the least): past that, a node cut
+#: off from a live coordinator lets its tasks' fence run out (Agent.should_beat).
+CONTACT_SLACK_S = 2.0
+
+
+def contact_s(poll: float) -> float:
+    return poll + CONTACT_SLACK_S
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -68,6 +78,8 @@ class Coordinator:
         self.waiting_why: dict[str, str] = {}
         self.draining = self.force = self.status_requested = False
         self.next_status = 0.0
+        hooks = Hooks(config.on_event, config.hook_timeout, config.state_dir / "hooks.log") if config.on_event else None
+        self.observer = Observer(config.history, hooks, clock, wall)  # --on-event, and what status adds
 
     @property
     def snapshots(self) -> list[GpuSnapshot]:
@@ -206,10 +218,11 @@ class Coordinator:
             self.agents.submit(node, "kill", [uid])
 
     def _patience(self) -> float:
-        """How long a node may go unheard before its tasks count as lost: its observe's wait, the
-        --node-timeout, and a margin, so that the supervisors' fence (--node-timeout after the
-        node's agent died) has ended the old copies before they run elsewhere."""
-        return self.config.poll + self.node_timeout + FENCE_MARGIN_S
+        """How long a node may go unheard before its tasks count as lost: how long its agent
+        goes on beating without a call (`contact_s`), the --node-timeout, and a margin, so that
+        the supervisors' fence (--node-timeout after the node's last heartbeat) has ended the
+        old copies before they run elsewhere."""
+        return contact_s(self.config.poll) + self.node_timeout + FENCE_MARGIN_S
 
     def _agent_failed(self, node: str, exc: Exception, asked: float) -> None:
         """A dead agent on a live node is replaced (the next refresh starts a new one, which
@@ -305,6 +318,8 @@ class Coordinator:
         for node, snaps in self.node_snapshots.items():  # pids mean something on their own node only
             views += build_views(snaps, placements, self.user, ignored=self.node_ghosts.get(node, ()),
                                  topology={s.key: f"{node}/{s.group or ''}" for s in snaps})  # gpus=N: one node
+        smallest = min(c.vram_bytes for c in cands)
+        self.observer.planning(v.key for v in views if fits(v, smallest, self.config.exclusive))
         snaps = {s.key: s for s in self.snapshots}
         plan = plan_round(cands, views, self.rng, self.config.exclusive, self.config.pick)
         for launch in plan:
@@ -334,13 +349,18 @@ class Coordinator:
     def view(self) -> dict[str, Any]:
         scene = status.Scene(self.wall(), self.config.exclusive, self.config.settle, self.user, self.queues,
                              self.snapshots, (), self.draining, self.force, waiting_why=self.waiting_why)
-        view = status.build(scene, self.clock(), {})
+        view = self.observer.annotate(status.build(scene, self.clock(), {}))
         view["cluster"] = {"nodes": sorted(self.agents.nodes), "unreachable": sorted(self.unreachable)}
         return view
 
     def _write_status(self, ending: int | None = None) -> None:
+        view = self.view()
+        if ending is None:
+            self.observer.round(view)  # events for hooks, the idle counter; once a round
+        else:
+            self.observer.close(view, ending)
         try:
-            status.write_json(self.config.state_dir / "status.json", self.view())
+            status.write_json(self.config.state_dir / "status.json", view)
         except OSError as exc:
             log.warning("cannot write status.json", error=str(exc))
 

@@ -3,7 +3,8 @@
 The same face as `cluster.Agents` (`refresh`, `nodes`, `submit`, `gather`, `call`,
 `call_all`, `forget`, `alive`, `shutdown_all`), with a thread per node standing in for the
 node's actor. Used to test the coordinator's decisions (nodes joining, leaving, agents
-dying) quickly and without a cluster; a node is "removed" with `remove(node)`.
+dying, a partition) quickly and without a cluster; a node is "removed" with `remove(node)`,
+cut off with `cut(node)`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class LocalAgents:
         self._agents: dict[str, Any] = {}
         self._pools: dict[str, cf.ThreadPoolExecutor] = {}
         self.dead_agents: set[str] = set()  # nodes whose agent "died" (calls fail) while the node lives
+        self.cut_off: set[str] = set()  # nodes alive with their agent whose calls never answer (a partition)
 
     # --- the cluster, as a test changes it ----------------------------------------------------
 
@@ -30,6 +32,13 @@ class LocalAgents:
 
     def kill_agent(self, node: str) -> None:
         self.dead_agents.add(node)
+
+    def cut(self, node: str) -> None:
+        """A partition: the node and its agent live on, but no call reaches it (none answers)."""
+        self.cut_off.add(node)
+
+    def heal(self, node: str) -> None:
+        self.cut_off.discard(node)
 
     # --- the transport ------------------------------------------------------------------------
 
@@ -61,6 +70,8 @@ class LocalAgents:
 
     def submit(self, node: str, method: str, *args: Any, **kwargs: Any) -> cf.Future:
         agent, pool = self._agents[node], self._pools[node]
+        if node in self.cut_off:
+            return cf.Future()  # never reaches the agent, never answers
 
         def call() -> Any:
             if node in self.dead_agents or node not in self._wanted:

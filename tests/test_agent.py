@@ -119,3 +119,29 @@ def _alive(pid: int) -> bool:
             return fh.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_the_heartbeat_goes_on_while_the_coordinator_calls_or_is_known_gone(tmp_path):
+    """The agent touches its node's heartbeat (which its supervisors' fence reads) only while a
+    coordinator calls, or once the coordinator is proven gone; silence without proof (the node
+    cut off from a coordinator that may be alive) lets the fence run out."""
+    now = [100.0]
+    a = Agent("n1", str(tmp_path / "state"), str(tmp_path), simulate="1x24", contact_s=7, clock=lambda: now[0])
+    assert a.should_beat()
+    now[0] += 7.5
+    assert not a.should_beat()  # silent, no proof: cut off
+    a.observe([], wait_s=0)
+    assert a.should_beat()  # a call
+    now[0] += 7.5
+    a.owner_gone = lambda: True  # (the lease's actor reported dead by Ray)
+    assert a.should_beat()
+    a.owner_gone = lambda: False
+    assert not a.should_beat()
+
+    def cannot_tell() -> bool:
+        raise TimeoutError("no answer")
+
+    a.owner_gone = cannot_tell
+    assert not a.should_beat()
+    a.attach_owner(lambda: False)  # a new coordinator takes the agent over: a call too
+    assert a.should_beat()

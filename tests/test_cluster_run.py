@@ -233,6 +233,16 @@ def test_an_unreachable_cluster_is_one_line_and_exit_2(tmp_path):
     assert time.monotonic() - started < 30
 
 
+def test_options_not_there_yet_with_ray_are_refused_in_one_line_before_connecting(tmp_path):
+    (tmp_path / "c.txt").write_text("echo hi\n1,1\n")
+    done = subprocess.run([console_script(), "run", "--commands", str(tmp_path / "c.txt"), "--state-dir",
+                           str(tmp_path / "s"), "--ray", "127.0.0.1:1", "--follow", "--dry-run"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith("--dry-run, --follow cannot be used with --ray yet"), done.stderr
+
+
 def test_ray_missing_is_one_line_with_the_install_command(tmp_path):
     shim = tmp_path / "shim"
     shim.mkdir()
@@ -265,3 +275,66 @@ def test_a_node_that_comes_back_within_the_timeout_keeps_its_task_nothing_lost(t
     starts = [a for a in run.attempts() if a.uni_id == victim]
     assert len(starts) == 1 and starts[0].status == 0  # one copy, run to its end
     assert [(h["state"], h["node"]) for h in run.history() if h["uni_id"] == victim] == [("normal_exit", "n3")]
+
+
+def test_a_dead_coordinator_leaves_its_tasks_running_past_the_fence_and_the_next_adopts_them(tmp_path, cluster):
+    """After kill -9 of the coordinator its agents stop hearing from it, but Ray reports its lease
+    actor dead: proof that nobody runs their tasks elsewhere, so the heartbeat goes on and the
+    tasks run past --node-timeout; a coordinator started much later adopts them."""
+    run = ClusterRun(tmp_path, cluster.address, [("1", 14.0), ("2", 14.0)])
+    proc = run.start("--poll", "1", "--node-timeout", "2")
+    wait_for(lambda: len(run.running()) == 2, 30, "two tasks to start")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    silent = time.monotonic()
+    # Past the agents' contact window (poll + 2 s) and the fence (2 s) and its check (1 s).
+    time.sleep(max(0.0, 8.0 - (time.monotonic() - silent)))
+    logs = "".join(p.read_text() for p in run.state.glob("nodes/*/logs/*.log"))
+    assert "fence:" not in logs, logs[-2000:]
+    run.start("--poll", "1", "--node-timeout", "2")
+    code, err = run.wait()
+    assert code == 0, err[-3000:]
+    assert err.count("adopted running task") == 2
+    attempts = run.attempts()
+    assert len(attempts) == 2 and all(a.status == 0 for a in attempts)
+
+
+def test_on_event_hooks_and_metrics_work_across_the_nodes(tmp_path, cluster):
+    """--on-event fires with the node/index GPU names, and --metrics-port serves the whole
+    cluster's GPUs and tasks (a real HTTP scrape while tasks run)."""
+    import re
+    import urllib.request
+
+    run = ClusterRun(tmp_path, cluster.address, [("1", 3.0), ("2", 3.0)])
+    events = tmp_path / "hook-events"
+    hook = f'echo "$GPU_COMPETE_EVENT ${{GPU_COMPETE_UNI_ID:--}} ${{GPU_COMPETE_GPU:--}}" >> {events}'
+    run.start("--on-event", hook, "--metrics-port", "0")
+    assert run.proc is not None and run.proc.stderr is not None
+    url = None
+    for line in run.proc.stderr:  # the first lines: the metrics server's address comes before any task
+        found = re.search(r'"url": "([^"]+)"', line)
+        if found:
+            url = found.group(1)
+            break
+    assert url, "the coordinator did not say where it serves metrics"
+    wait_for(lambda: len(run.running()) == 2, 30, "two tasks to start")
+
+    def scrape() -> str:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.read().decode()
+
+    def both_busy() -> str | None:
+        text = scrape()
+        return text if 'gpu_compete_gpu_tasks{gpu="n1/0"} 1.0' in text else None
+
+    text = wait_for(both_busy, 15, "metrics that show both nodes' GPUs busy")
+    assert 'gpu_compete_gpu_tasks{gpu="n0/0"} 1.0' in text
+    assert 'gpu_compete_tasks{state="running"} 2.0' in text
+    code, err = run.wait()
+    assert code == 0, err[-3000:]
+    lines = events.read_text().splitlines()
+    for uid in run.uids:
+        start = next(x for x in lines if x.startswith(f"task_start {uid} "))
+        assert re.fullmatch(rf"task_start {uid} n[01]/0", start)
+        assert any(x.startswith(f"task_end {uid} n") for x in lines)
+    assert lines[-1] == "all_done - -"

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from gpu_compete.agent import Agent
+from gpu_compete import procs
+from gpu_compete.agent import Agent, node_dir
 from gpu_compete.commandfile import parse
-from gpu_compete.coordinator import Coordinator
+from gpu_compete.coordinator import Coordinator, contact_s
 from gpu_compete.daemon import Config
 from gpu_compete.local_agents import LocalAgents
 from gpu_compete.policy import RetryPolicy
@@ -44,9 +45,9 @@ class Run:
         self.agents = self.new_agents(nodes)
         self.coordinator = self.new_coordinator()
 
-    def new_agents(self, nodes: list[str]) -> LocalAgents:
+    def new_agents(self, nodes: list[str], **fence) -> LocalAgents:
         return LocalAgents(lambda node: Agent(node, str(self.dir / "state"), str(self.dir), simulate=self.simulate,
-                                              kill_grace=1), nodes)
+                                              kill_grace=1, **fence), nodes)
 
     def new_coordinator(self) -> Coordinator:
         c = Coordinator(self.config, self.specs, self.agents, node_timeout=1, out=lambda _: None)
@@ -173,3 +174,30 @@ def test_a_task_that_ended_while_no_coordinator_watched_is_taken_once_not_run_ag
     # A third coordinator finds nothing left to do and adopts nothing.
     run.coordinator = run.new_coordinator()
     assert all(t.state is TaskState.COMPLETED for t in run.coordinator.tasks.values())
+
+
+def test_a_node_cut_off_with_its_agent_alive_ends_its_task_before_it_runs_elsewhere(tmp_path, stop_all):
+    """A partition: the node and its agent live on, but the coordinator hears nothing from it.
+    The agent stops its heartbeat once no call has come for --poll + a slack; the task's
+    supervisor ends it when the heartbeat is --node-timeout old; only after that does the
+    coordinator run the task elsewhere. When the node is reachable again nothing of it runs."""
+    run = Run(tmp_path, [("1", 10.0), ("2", 0.3)], ["n1", "n2"], simulate="1x24")
+    run.agents = run.new_agents(["n1", "n2"], fence_s=1, contact_s=contact_s(run.config.poll))
+    run.coordinator = run.new_coordinator()
+    stop_all(run)
+    victim = run.specs[0].uni_id
+    run.rounds(until=lambda: victim in run.coordinator.where)
+    cut = run.coordinator.where[victim]
+    other = "n2" if cut == "n1" else "n1"
+    run.agents.cut(cut)
+    run.rounds(until=lambda: run.coordinator.where.get(victim) == other, timeout=30)
+    left = procs.processes_with_env(GPU_COMPETE_UNI_ID=victim, GPU_COMPETE_NAMESPACE=str(node_dir(tmp_path / "state", cut).resolve()))
+    assert left == [], "the cut-off copy still runs while the task starts elsewhere"
+    log = (node_dir(tmp_path / "state", cut) / "logs" / f"{victim}.log").read_text()
+    assert "fence:" in log and "abnormal_exit (lost)" in log
+    run.agents.heal(cut)
+    run.rounds()
+    attempts = [a for a in run.attempts() if a.uni_id == victim]
+    assert [a.gpu.split("/")[0] for a in attempts] == [cut, other]
+    assert attempts[0].status is None and attempts[1].status == 0
+    assert [h["state"] for h in run.history() if h["uni_id"] == victim] == ["abnormal_exit", "normal_exit"]
