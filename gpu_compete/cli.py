@@ -518,7 +518,7 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
                     timeout_s=timeout, retry_permanent=retry_permanent, oom_growth=oom_growth,
                     guard=HostGuard(min_free_ram, min_free_disk))
     if ray_address:
-        unsupported = [name for name, value in (("--dry-run", dry_run), ("--follow", follow),
+        unsupported = [name for name, value in (("--follow", follow),
                                                 ("--min-free-ram", min_free_ram is not None),
                                                 ("--min-free-disk", min_free_disk is not None),
                                                 ("--registry", registry_file is not None)) if value]
@@ -529,7 +529,8 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
         metrics_at = (metrics_host, metrics_port) if metrics_port is not None else None
         sys.exit(run_on_cluster(ray_address, config, parsed.tasks, simulate=simulate, gpu_scope=gpu_scope,
                                 node_timeout=node_timeout, fail=_fail,
-                                serve_metrics=lambda: _serve_metrics(*metrics_at, state) if metrics_at else None))
+                                serve_metrics=lambda: _serve_metrics(*metrics_at, state) if metrics_at else None,
+                                dry_run=dry_run))
     probe = _open_probe(simulate, gpu_scope, namespace=str(state))
     try:
         book = CommandBook(Path(commands_file).resolve(), parsed)

@@ -283,7 +283,9 @@ class Agents:
     """
 
     def __init__(self, agent_factory_path: str, agent_kwargs: dict[str, Any], namespace_tag: str, *,
-                 max_concurrency: int = 1):
+                 max_concurrency: int = 1, own: bool = True):
+        """`own=False`: only look (a dry run): the agents are not told that this driver now
+        drives them (`AgentActor.own`), so a run in progress keeps its hold on them."""
         module, _, name = agent_factory_path.partition(":")
         if not module or not name:
             raise ClusterError(f"bad agent factory {agent_factory_path!r}: give module:Class")
@@ -297,6 +299,7 @@ class Agents:
         self._names: dict[str, str] = {}  # NodeID hex -> name, for the alive nodes seen
         self._handles: dict[str, Any] = {}  # name -> actor handle, for the agents believed alive
         self._lease: Any = None  # this driver's Lease, given to every agent it drives
+        self._own = own
 
     # --- the nodes ------------------------------------------------------------------------------
 
@@ -329,7 +332,8 @@ class Agents:
             name = self._names[node_id]
             if name not in self._handles:
                 self._handles[name] = self._start(name, node_id)
-                self._handles[name].own.remote(self._own_lease())
+                if self._own:
+                    self._handles[name].own.remote(self._own_lease())
                 joined.append(name)
         return sorted(joined)
 
@@ -431,6 +435,12 @@ class Agents:
         handle = self._handles.pop(node, None) or self._named(actor_name(self.tag, node))
         if handle is not None:
             self.ray.kill(handle, no_restart=True)
+
+    def named(self) -> set[str]:
+        """The nodes that have an agent of this run's tag now, started by this driver or not."""
+        prefix = actor_name(self.tag, "")
+        return {a["name"][len(prefix):] for a in self.ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == NAMESPACE and a["name"].startswith(prefix)}
 
     def shutdown_all(self) -> None:
         """Kill every agent of this tag, this object's or not (a run that ended with all done)."""

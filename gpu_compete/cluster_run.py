@@ -46,7 +46,7 @@ def fetch_log(address: str, state_dir: Path, uni_id: str, *, fail: Callable[...,
 
 def run_on_cluster(address: str, config: Config, specs: list[TaskSpec], *, simulate: str | None, gpu_scope: str,
                    node_timeout: float, fail: Callable[[str], NoReturn],
-                   serve_metrics: Callable[[], Any] = lambda: None) -> int:
+                   serve_metrics: Callable[[], Any] = lambda: None, dry_run: bool = False) -> int:
     """`serve_metrics()`: starts the metrics server (--metrics-port) once the state directory
     is ours, and returns it (or None); it serves what the coordinator writes there."""
     from . import cluster
@@ -56,6 +56,11 @@ def run_on_cluster(address: str, config: Config, specs: list[TaskSpec], *, simul
         cluster.connect(address)
     except cluster.ClusterError as exc:
         fail(str(exc))
+    agent_kwargs = {"state_dir": str(config.state_dir), "work_dir": str(config.work_dir), "simulate": simulate,
+                    "gpus": gpu_scope, "kill_grace": config.kill_grace, "fence_s": node_timeout,
+                    "contact_s": contact_s(config.poll)}
+    if dry_run:
+        return _dry_run(cluster, config, specs, agent_kwargs, node_timeout)
     try:
         private_dirs(config.state_dir)
         lock = pidfile.acquire(config.state_dir)
@@ -63,11 +68,7 @@ def run_on_cluster(address: str, config: Config, specs: list[TaskSpec], *, simul
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot use state directory {config.state_dir}: {exc.strerror or exc}")
-    agents = cluster.Agents("gpu_compete.agent:Agent",
-                            {"state_dir": str(config.state_dir), "work_dir": str(config.work_dir),
-                             "simulate": simulate, "gpus": gpu_scope, "kill_grace": config.kill_grace,
-                             "fence_s": node_timeout, "contact_s": contact_s(config.poll)},
-                            run_tag(config.state_dir), max_concurrency=2)
+    agents = cluster.Agents("gpu_compete.agent:Agent", agent_kwargs, run_tag(config.state_dir), max_concurrency=2)
     server = None
     try:
         server = serve_metrics()
@@ -81,3 +82,20 @@ def run_on_cluster(address: str, config: Config, specs: list[TaskSpec], *, simul
         if server is not None:
             server.stop()
         pidfile.release(lock)
+
+
+def _dry_run(cluster: Any, config: Config, specs: list[TaskSpec], agent_kwargs: dict[str, Any],
+             node_timeout: float) -> int:
+    """`--dry-run --ray`: every node's GPUs and where each queue's head would start. Agents a
+    run in progress has are only asked; those started for this are ended after."""
+    from .coordinator import Coordinator
+
+    agents = cluster.Agents("gpu_compete.agent:Agent", agent_kwargs, run_tag(config.state_dir), max_concurrency=2,
+                            own=False)
+    before = agents.named()
+    try:
+        print(Coordinator(config, specs, agents, node_timeout=node_timeout).dry_run())
+    finally:
+        for node in set(agents.nodes) - before:
+            agents.kill(node)
+    return EXIT_OK

@@ -127,6 +127,23 @@ class Coordinator:
         self.where[task.uni_id] = node
         log.info("adopted running task", uni_id=task.uni_id, node=node, gpu=task.gpu)
 
+    def dry_run(self) -> str:
+        """Queues, expanded commands, and where the heads would start now on which node;
+        launches nothing (the history is read, the agents are asked, nothing is written)."""
+        self.resume()
+        now = self.clock()
+        for node, result in self.agents.call_all("snapshot", timeout=self.node_timeout).items():
+            if isinstance(result, Exception):
+                log.warning("node did not answer; left out of the plan", node=node, error=str(result))
+            else:
+                self.node_snapshots[node] = result
+        views = self._views(now)
+        plan = [launch for launch in plan_round(candidates(self.queues, now), views, self.rng, self.config.exclusive,
+                                                self.config.pick)
+                if len({split_key(k)[0] for k in launch.gpus}) == 1]
+        return status.render_dry_run(self, views, {launch.uni_id: ",".join(launch.gpus) for launch in plan},
+                                     {launch.uni_id: ",".join(split_key(k)[1] for k in launch.gpus) for launch in plan})
+
     # --- one round --------------------------------------------------------------------------
 
     def tick(self, wait_s: float) -> None:
@@ -313,11 +330,7 @@ class Coordinator:
         cands = candidates(self.queues, now)
         if not cands or not self.node_snapshots:
             return
-        placements = self.placements(now)
-        views = []
-        for node, snaps in self.node_snapshots.items():  # pids mean something on their own node only
-            views += build_views(snaps, placements, self.user, ignored=self.node_ghosts.get(node, ()),
-                                 topology={s.key: f"{node}/{s.group or ''}" for s in snaps})  # gpus=N: one node
+        views = self._views(now)
         smallest = min(c.vram_bytes for c in cands)
         self.observer.planning(v.key for v in views if fits(v, smallest, self.config.exclusive))
         snaps = {s.key: s for s in self.snapshots}
@@ -327,6 +340,14 @@ class Coordinator:
             if len(nodes) != 1:
                 continue  # a gpus=N task across nodes: not placed (it waits for N on one node)
             self._launch(self.tasks[launch.uni_id], nodes.pop(), [snaps[k] for k in launch.gpus], now)
+
+    def _views(self, now: float) -> list:
+        placements = self.placements(now)
+        views = []
+        for node, snaps in self.node_snapshots.items():  # pids mean something on their own node only
+            views += build_views(snaps, placements, self.user, ignored=self.node_ghosts.get(node, ()),
+                                 topology={s.key: f"{node}/{s.group or ''}" for s in snaps})  # gpus=N: one node
+        return views
 
     def _launch(self, task: Task, node: str, snaps: list[GpuSnapshot], now: float) -> None:
         attempt = task.retry_count + 1

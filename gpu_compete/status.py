@@ -214,8 +214,11 @@ def _why_waiting(scene: Scene, task: Any, qstatus: str) -> str | None:
     return scene.waiting_why.get(task.uni_id)
 
 
-def render_dry_run(daemon: "Daemon", views: list[GpuView], plan: dict[str, int]) -> str:
-    """What `run --dry-run` prints: eligible GPUs, then every queue with where its head would go."""
+def render_dry_run(daemon: "Daemon", views: list[GpuView], plan: dict[str, str],
+                   expand_as: dict[str, str] | None = None) -> str:
+    """What `run --dry-run` prints: eligible GPUs, then every queue with where its head would go.
+    `expand_as`: what {available_gpu} becomes where it is not the GPU's name (a node's local
+    index, with --ray)."""
     exclusive = daemon.config.exclusive
     lines = [f"dry run: {len(daemon.tasks)} tasks in {len(daemon.queues)} queues, "
              f"{'exclusive' if exclusive else 'shared'} mode; nothing is launched"]
@@ -229,7 +232,8 @@ def render_dry_run(daemon: "Daemon", views: list[GpuView], plan: dict[str, int])
             where = plan.get(task.uni_id)
             tag = task.state.value if where is None else f"would start on GPU {where}"
             lines.append(f"  {task.uni_id}  {task.spec.vram_gb:g} GB  [{tag}]")
-            lines += [f"      $ {c}" for c in task.spec.expanded(str(daemon.config.work_dir), where)]
+            gpu = (expand_as or {}).get(task.uni_id, where)
+            lines += [f"      $ {c}" for c in task.spec.expanded(str(daemon.config.work_dir), gpu)]
     return "\n".join(lines)
 
 

@@ -64,13 +64,26 @@ class ClusterRun:
     def uids(self) -> list[str]:
         return [u for us in self.queues.values() for u in us]
 
-    def start(self, *extra: str) -> subprocess.Popen:
-        argv = [console_script(), "run", "--commands", str(self.commands), "--work-dir", str(self.dir),
+    def argv(self, *extra: str) -> list[str]:
+        return [console_script(), "run", "--commands", str(self.commands), "--work-dir", str(self.dir),
                 "--state-dir", str(self.state), "--simulate", "1x24,delay=0.2", "--ray", self.address,
                 "--poll", "2", "--node-timeout", "10", "--status-every", "0", "--seed", "1",
                 "--log-format", "json", *extra]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def start(self, *extra: str) -> subprocess.Popen:
+        self.proc = subprocess.Popen(self.argv(*extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         return self.proc
+
+    def agents_named(self) -> list[str]:
+        """The agent actors of this run alive in the cluster (asked from a driver of its own:
+        a Ray driver inside the test process would leak its settings into later clusters)."""
+        code = (f"import ray, sys; from gpu_compete import cluster, cluster_run; from pathlib import Path; "
+                f"ray.init(address={self.address!r}, logging_level='ERROR'); "
+                f"p = cluster.actor_name(cluster_run.run_tag(Path({str(self.state.resolve())!r})), ''); "
+                f"print([a['name'] for a in ray.util.list_named_actors(all_namespaces=True) if a['name'].startswith(p)])")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return eval(out.stdout.strip().splitlines()[-1])  # noqa: S307 - our own print of a list of str
 
     def wait(self, timeout: float = 90) -> tuple[int, str]:
         assert self.proc is not None
@@ -236,11 +249,11 @@ def test_an_unreachable_cluster_is_one_line_and_exit_2(tmp_path):
 def test_options_not_there_yet_with_ray_are_refused_in_one_line_before_connecting(tmp_path):
     (tmp_path / "c.txt").write_text("echo hi\n1,1\n")
     done = subprocess.run([console_script(), "run", "--commands", str(tmp_path / "c.txt"), "--state-dir",
-                           str(tmp_path / "s"), "--ray", "127.0.0.1:1", "--follow", "--dry-run"],
+                           str(tmp_path / "s"), "--ray", "127.0.0.1:1", "--follow", "--min-free-ram", "1"],
                           capture_output=True, text=True)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].endswith("--dry-run, --follow cannot be used with --ray yet"), done.stderr
+    assert len(lines) == 1 and lines[0].endswith("--follow, --min-free-ram cannot be used with --ray yet"), done.stderr
 
 
 def test_ray_missing_is_one_line_with_the_install_command(tmp_path):
@@ -318,6 +331,7 @@ def test_on_event_hooks_and_metrics_work_across_the_nodes(tmp_path, cluster):
             break
     assert url, "the coordinator did not say where it serves metrics"
     wait_for(lambda: len(run.running()) == 2, 30, "two tasks to start")
+    assert len(run.agents_named()) == 2  # (what the dry-run test counts is really there)
 
     def scrape() -> str:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -338,3 +352,18 @@ def test_on_event_hooks_and_metrics_work_across_the_nodes(tmp_path, cluster):
         assert re.fullmatch(rf"task_start {uid} n[01]/0", start)
         assert any(x.startswith(f"task_end {uid} n") for x in lines)
     assert lines[-1] == "all_done - -"
+
+
+def test_dry_run_shows_every_node_and_leaves_nothing_behind(tmp_path, cluster):
+    """--dry-run --ray: each node's GPUs and where each head would start, {available_gpu} as the
+    node's local index; nothing starts, nothing is written, no agent is left."""
+    run = ClusterRun(tmp_path, cluster.address, [("1", 1.0), ("2", 1.0)])
+    run.commands.write_text(run.commands.read_text().replace("{uni_id} ", "{uni_id}-on-{available_gpu} "))
+    done = subprocess.run(run.argv("--dry-run"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "GPU n0/0: free 24.0 GB, eligible now" in out and "GPU n1/0: free 24.0 GB, eligible now" in out
+    assert out.count("would start on GPU n") == 2 and "-on-0 " in out and "-on-n" not in out
+    assert not (run.dir / "events").exists() and not (run.state / "history.jsonl").exists()
+    assert not (run.state / "daemon.pid").exists()
+    assert run.agents_named() == []
