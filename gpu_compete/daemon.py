@@ -282,10 +282,7 @@ class Daemon(Reconciling, Outcomes, Placing):
 
     def _write_status(self, ending: int | None = None) -> None:
         view = self.view()
-        if ending is None:
-            self.observer.round(view)  # events for hooks, the idle counter; once a round
-        else:
-            self.observer.close(view, ending)
+        self.observer.publish(view, ending)  # events for hooks, the idle counter; once a round
         try:
             status.write_json(self.config.state_dir / "status.json", view)
         except OSError as exc:

@@ -138,6 +138,13 @@ class Observer:
                     if e.get("gave_up"):
                         self.hooks.fire("gave_up", **fields)
 
+    def publish(self, view: dict[str, Any], ending: int | None = None) -> None:
+        """The round's view (`round`), or the last one with the run's exit code (`close`)."""
+        if ending is None:
+            self.round(view)
+        else:
+            self.close(view, ending)
+
     def close(self, view: dict[str, Any], exit_code: int) -> None:
         """The daemon is ending: fire `all_done` if every queue is done or blocked, and give
         running hooks their time."""
