@@ -28,12 +28,13 @@ from typing import Any, Callable
 from . import evidence, launcher, procs, stopping
 from .forkserver import ForkServer
 from .gpus import open_probe
-from .gpus.base import GpuSnapshot
+from .gpus.base import GpuSnapshot, current_user
 from .outcomes import GHOST_S
 from .placing import dead_listed, descends, launch_record, roots_of
 from .registry import Registry, RegistryError, private_dirs
 from .tasks import TaskSpec
 from .timefmt import iso
+from .vram import VramWatch
 
 #: How often a wait looks at its supervisors where the kernel has no pidfd to wait on.
 _POLL_S = 0.1
@@ -82,6 +83,7 @@ class Agent:
         self.gpu_pids: dict[str, set[int]] = {}  # pids of each running task seen on its GPUs
         self.ghosts: dict[int, float] = {}  # pid of an ended task -> until when it is not counted
         self.pids_ours = False  # NVML has listed a task of ours by its pid here: same pid namespace
+        self.vram = VramWatch(descends, current_user())
         self.lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -171,6 +173,7 @@ class Agent:
             now = time.monotonic()
             self.ghosts = {pid: until for pid, until in self.ghosts.items() if until > now}
             tasks = {uid: self._how(uid, records.get(uid), snapshots) for uid in {*expected, *self.children}}
+            self._usage(tasks, records, snapshots)
             for uid, how in tasks.items():
                 if how["state"] == "ended" or how.get("gone"):
                     record = records.get(uid) if isinstance(records.get(uid), dict) else {}
@@ -259,6 +262,16 @@ class Agent:
             return self._ended(ended.state, error, record, (record or {}).get("exit_status"))
         self._leftovers(uid, record)
         return self._ended("lost", "lost", record, None, why="its process died without recording how it ended")
+
+    def _usage(self, tasks: dict[str, dict[str, Any]], records: dict[str, Any], snapshots: list[GpuSnapshot]) -> None:
+        """What each running task's processes hold now on its GPUs (`"vram": {node/key: bytes}`),
+        from this round's snapshot: the coordinator keeps the peak and learns from an oom."""
+        running = {uid: (tuple(_keys(records[uid])), self._roots(uid, records[uid])) for uid, how in tasks.items()
+                   if how["state"] == "running" and isinstance(records.get(uid), dict)}
+        if not running:
+            return
+        for uid, per_gpu in self.vram.sample(snapshots, running).items():
+            tasks[uid]["vram"] = {f"{self.node}/{key}": used for key, used in per_gpu.items()}
 
     def _ended(self, outcome: str, error_type: str | None, record: dict[str, Any] | None, rc: int | None,
                why: str | None = None) -> dict[str, Any]:

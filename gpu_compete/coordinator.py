@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import structlog
 
-from . import journal, status
+from . import journal, status, vram
 from .classify import is_permanent
 from .daemon import Config, all_ended, exit_code
 from .gpus.base import GpuSnapshot, current_user
@@ -97,6 +97,7 @@ class Coordinator:
             task = self.tasks.get(entry.get("uni_id"))
             if task is not None and entry.get("state") == "abnormal_exit" and not self.config.fresh:
                 task.retry_count = max(task.retry_count, int(entry.get("attempt") or 0))
+                vram.restore(task, {"vram_gb_needed": entry.get("vram_gb_needed")}, fresh=False)
         for uid, task in self.tasks.items():
             if uid in done:
                 task.state = TaskState.COMPLETED
@@ -196,6 +197,7 @@ class Coordinator:
                 continue
             if how["state"] == "running":
                 task.confirmed = task.confirmed or how["confirmed"]
+                vram.note_usage(task, how.get("vram") or {}, not self.config.exclusive)
                 if how["gone"]:
                     self.gone.add(uid)
             elif how["state"] == "ended":
@@ -280,7 +282,7 @@ class Coordinator:
             self._append({"uni_id": task.uni_id, "state": "normal_exit", "queue": task.spec.queue,
                           "node": node, "gpu": task.gpu, "attempt": task.retry_count + 1,
                           "exit_status": how.get("exit_status"), "start": how.get("started_at"),
-                          "end": how.get("ended_at") or iso(self.wall()), "peak_vram_gb": how.get("peak_vram_gb"),
+                          "end": how.get("ended_at") or iso(self.wall()), **vram.usage_fields(task),
                           "by": "coordinator"})
             log.info("task completed", uni_id=task.uni_id, queue=task.spec.queue, gpu=task.gpu)
         else:
@@ -297,7 +299,9 @@ class Coordinator:
         entry = {"uni_id": task.uni_id, "state": "abnormal_exit", "error_type": error_type, "queue": task.spec.queue,
                  "node": node, "gpu": task.gpu, "attempt": decision.retry_count,
                  "exit_status": (how or {}).get("exit_status"), "start": (how or {}).get("started_at"),
-                 "end": (how or {}).get("ended_at") or iso(self.wall())}
+                 "end": (how or {}).get("ended_at") or iso(self.wall()), **vram.usage_fields(task)}
+        if error_type == "oom":  # the next attempt asks for what this one was seen to use, and more
+            entry["vram_gb_needed"] = vram.learn_from_oom(task, self.config.oom_growth, self.snapshots)
         if decision.action == "give_up":
             task.state = TaskState.FAILED
             entry["gave_up"] = True
@@ -330,6 +334,8 @@ class Coordinator:
         cands = candidates(self.queues, now)
         if not cands or not self.node_snapshots:
             return
+        if any(vram.cap_need(self.tasks[c.uni_id], self.snapshots) for c in cands):
+            cands = candidates(self.queues, now)  # with the needs brought down
         views = self._views(now)
         smallest = min(c.vram_bytes for c in cands)
         self.observer.planning(v.key for v in views if fits(v, smallest, self.config.exclusive))
@@ -362,6 +368,7 @@ class Coordinator:
         task.state, task.gpu, task.launched_at, task.confirmed, task.adopted = (
             TaskState.RUNNING, snaps[0].key, now, False, False)
         task.gpus = tuple(s.key for s in snaps) if len(snaps) > 1 else ()
+        task.peak_vram_bytes, task.peak_gpu, task.peak_written = None, None, 0
         self.where[task.uni_id] = node
         log.info("task started", uni_id=task.uni_id, queue=task.spec.queue, gpu=task.gpu, attempt=attempt)
 

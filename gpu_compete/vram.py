@@ -66,19 +66,30 @@ def update_peaks(watch: VramWatch, snapshots: list[GpuSnapshot], running: Mappin
     used_now = watch.sample(snapshots, {uid: (t.gpu_keys, roots) for uid, (t, roots) in running.items()})
     grown = {}
     for uid, per_gpu in used_now.items():
-        task = running[uid][0]
-        key, used = max(per_gpu.items(), key=lambda kv: kv[1])
-        if task.peak_vram_bytes is not None and used <= task.peak_vram_bytes:
-            continue
-        task.peak_vram_bytes, task.peak_gpu = used, key
-        if used > task.spec.vram_bytes and not task.warned_over:
-            task.warned_over = True
-            log.warning(f"{uid} declared {task.spec.vram_gb:g} GB and uses {used / GIB:.1f} GB on GPU {key}"
-                        + (" (other tasks were promised that memory)" if shared else ""), uni_id=uid)
-        if used - task.peak_written >= PEAK_STEP_BYTES:
-            task.peak_written = used
-            grown[uid] = {"peak_vram_gb": round(used / GIB, 2), "peak_gpu": key_to_record(key)}
+        fields = note_usage(running[uid][0], per_gpu, shared)
+        if fields:
+            grown[uid] = fields
     return grown
+
+
+def note_usage(task: Task, per_gpu: Mapping[str, int], shared: bool) -> dict[str, Any] | None:
+    """What a task holds now on each of its GPUs ({key: bytes}, from `VramWatch.sample`, here
+    or on a node's agent): keep its peak, warn once of more than it declared, and return the
+    record fields to write when the peak grew by PEAK_STEP_BYTES since last written."""
+    if not per_gpu:
+        return None
+    key, used = max(per_gpu.items(), key=lambda kv: kv[1])
+    if task.peak_vram_bytes is not None and used <= task.peak_vram_bytes:
+        return None
+    task.peak_vram_bytes, task.peak_gpu = used, key
+    if used > task.spec.vram_bytes and not task.warned_over:
+        task.warned_over = True
+        log.warning(f"{task.uni_id} declared {task.spec.vram_gb:g} GB and uses {used / GIB:.1f} GB on GPU {key}"
+                    + (" (other tasks were promised that memory)" if shared else ""), uni_id=task.uni_id)
+    if used - task.peak_written < PEAK_STEP_BYTES:
+        return None
+    task.peak_written = used
+    return {"peak_vram_gb": round(used / GIB, 2), "peak_gpu": key_to_record(key)}
 
 
 def usage_fields(task: Task) -> dict[str, Any]:

@@ -201,3 +201,25 @@ def test_a_node_cut_off_with_its_agent_alive_ends_its_task_before_it_runs_elsewh
     assert [a.gpu.split("/")[0] for a in attempts] == [cut, other]
     assert attempts[0].status is None and attempts[1].status == 0
     assert [h["state"] for h in run.history() if h["uni_id"] == victim] == ["abnormal_exit", "normal_exit"]
+
+
+def test_an_oom_on_a_node_raises_what_the_next_attempt_needs(tmp_path, stop_all):
+    """The node's agent says what the task's processes hold on its GPU; the coordinator keeps
+    the peak, and after an oom the next attempt asks for peak x 1.25 (the history says so)."""
+    run = Run(tmp_path, [("1", 0.1)], ["n1"])
+    text = ("GPU_COMPETE_VRAM_GB=10 bash -c 'while [ ! -e {work_dir}/go ]; do sleep 0.05; done'; "
+            "if [ -e {work_dir}/tried ]; then exit 0; fi; touch {work_dir}/tried; "
+            "echo 'torch.OutOfMemoryError: CUDA out of memory.' >&2; exit 1\n1,8\n")
+    run.specs = parse(text).tasks
+    run.coordinator = run.new_coordinator()
+    stop_all(run)
+    task = run.coordinator.tasks[run.specs[0].uni_id]
+    run.rounds(until=lambda: task.peak_vram_bytes is not None)
+    (tmp_path / "go").touch()
+    run.rounds(until=lambda: run.history())
+    assert run.new_coordinator().tasks[task.uni_id].vram_gb_needed == 12.5  # a restart keeps what was learned
+    run.rounds()
+    first, second = run.history()
+    assert (first["error_type"], first["peak_vram_gb"], first["vram_gb_needed"]) == ("oom", 10.0, 12.5)
+    assert second["state"] == "normal_exit" and second["gpu"] == "n1/0"
+    assert task.vram_gb_needed == 12.5
