@@ -29,6 +29,7 @@ from . import evidence, launcher, procs, stopping
 from .forkserver import ForkServer
 from .gpus import open_probe
 from .gpus.base import GpuSnapshot, current_user
+from .hostguard import GuardWatch, HostGuard
 from .outcomes import GHOST_S
 from .placing import dead_listed, descends, launch_record, roots_of
 from .registry import Registry, RegistryError, private_dirs
@@ -47,7 +48,8 @@ def node_dir(state_dir: str | os.PathLike[str], node: str) -> Path:
 class Agent:
     def __init__(self, node: str, state_dir: str, work_dir: str, simulate: str | None = None, gpus: str = "all",
                  kill_grace: float = 10.0, fence_s: float | None = None, contact_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, min_free_ram: float | None = None,
+                 min_free_disk: float | None = None):
         """`fence_s`: the coordinator's --node-timeout. While this agent lives it touches
         `agent.alive` every second; a supervisor started here ends its task (as lost) once the
         file is older than `fence_s`. The coordinator counts a node's tasks lost (and runs them
@@ -58,7 +60,10 @@ class Agent:
         or is known to be gone (`owner_gone`, see `attach_owner`). A node cut off from the
         coordinator while its agent lives (a partition) thus ends its tasks before they run
         elsewhere; a dead coordinator stops nothing (the agents live on, and a restarted one
-        adopts the tasks)."""
+        adopts the tasks).
+
+        `min_free_ram`, `min_free_disk`: the host guards (GB), checked on this node; `observe`
+        says why they hold (`"guard"`), and the coordinator starts nothing here meanwhile."""
         self.node = node
         self.state = node_dir(state_dir, node).resolve()
         private_dirs(self.state / "logs")
@@ -84,6 +89,7 @@ class Agent:
         self.ghosts: dict[int, float] = {}  # pid of an ended task -> until when it is not counted
         self.pids_ours = False  # NVML has listed a task of ours by its pid here: same pid namespace
         self.vram = VramWatch(descends, current_user())
+        self.guard = GuardWatch(HostGuard(min_free_ram, min_free_disk), Path(work_dir), lambda: iso(time.time()))
         self.lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -180,8 +186,9 @@ class Agent:
                     for pid in self.gpu_pids.pop(uid, set()) | self._roots(uid, record):
                         self.ghosts[pid] = now + GHOST_S
                     self._ghost_leftovers(record, snapshots, now)
+        why = self.guard.check()
         return {"node": self.node, "snapshots": [_named(s, self.node) for s in snapshots], "tasks": tasks,
-                "ghosts": sorted(self.ghosts)}
+                "ghosts": sorted(self.ghosts), "guard": None if why is None else {"why": why, "since": self.guard.since}}
 
     def find(self, uni_ids: list[str]) -> dict[str, dict[str, Any]]:
         """What this node knows of these tasks, for a restarted coordinator: every one whose

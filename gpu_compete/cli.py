@@ -519,8 +519,6 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
                     guard=HostGuard(min_free_ram, min_free_disk))
     if ray_address:
         unsupported = [name for name, value in (("--follow", follow),
-                                                ("--min-free-ram", min_free_ram is not None),
-                                                ("--min-free-disk", min_free_disk is not None),
                                                 ("--registry", registry_file is not None)) if value]
         if unsupported:
             _fail(f"{', '.join(unsupported)} cannot be used with --ray yet")

@@ -58,7 +58,8 @@ def run_on_cluster(address: str, config: Config, specs: list[TaskSpec], *, simul
         fail(str(exc))
     agent_kwargs = {"state_dir": str(config.state_dir), "work_dir": str(config.work_dir), "simulate": simulate,
                     "gpus": gpu_scope, "kill_grace": config.kill_grace, "fence_s": node_timeout,
-                    "contact_s": contact_s(config.poll)}
+                    "contact_s": contact_s(config.poll), "min_free_ram": config.guard.min_free_ram_gb,
+                    "min_free_disk": config.guard.min_free_disk_gb}
     if dry_run:
         return _dry_run(cluster, config, specs, agent_kwargs, node_timeout)
     try:

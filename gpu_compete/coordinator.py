@@ -75,6 +75,7 @@ class Coordinator:
         self.unreachable: dict[str, float] = {}  # node not heard from -> since when (its last ask)
         self.seen_nodes: set[str] = set()
         self.node_ghosts: dict[str, set[int]] = {}  # pids of ended tasks each agent says not to count
+        self.node_guards: dict[str, dict[str, str]] = {}  # node whose host guard holds -> {why, since}
         self.waiting_why: dict[str, str] = {}
         self.draining = self.force = self.status_requested = False
         self.next_status = 0.0
@@ -189,6 +190,7 @@ class Coordinator:
     def _heard(self, node: str, result: dict[str, Any], now: float) -> None:
         self.node_snapshots[node] = result["snapshots"]
         self.node_ghosts[node] = set(result.get("ghosts", ()))
+        self._guard(node, result.get("guard"))
         for uid, how in result["tasks"].items():
             task = self.tasks.get(uid)
             if task is None or self.where.get(uid) != node:
@@ -204,6 +206,18 @@ class Coordinator:
                 self._ended(task, node, how, now)
             else:  # the node knows nothing of it: its agent never started it
                 self._failed(task, node, "lost", now, note="its node has no trace of it")
+
+    def _guard(self, node: str, guard: dict[str, str] | None) -> None:
+        """A node's host guard (--min-free-ram, --min-free-disk): nothing starts there while it
+        holds; said when it starts holding and when it lets go, not every round."""
+        was = self.node_guards.pop(node, None)
+        if guard:
+            self.node_guards[node] = guard
+            if was is None:
+                log.warning("host guard holds a node; nothing starts there until it clears", node=node,
+                            why=guard.get("why"))
+        elif was is not None:
+            log.info("host guard released; tasks start on the node again", node=node, was=was.get("why"))
 
     def _joined(self, node: str) -> None:
         """A node with a new agent: one that joined, came back, or whose agent was replaced."""
@@ -265,6 +279,7 @@ class Coordinator:
     def _node_gone(self, node: str, why: str, now: float) -> None:
         self.node_snapshots.pop(node, None)
         self.node_ghosts.pop(node, None)
+        self.node_guards.pop(node, None)
         lost = [t for u, t in self.tasks.items() if self.where.get(u) == node]
         if lost:
             log.error("node gone; its running tasks are lost and run again elsewhere", node=node, why=why,
@@ -351,6 +366,8 @@ class Coordinator:
         placements = self.placements(now)
         views = []
         for node, snaps in self.node_snapshots.items():  # pids mean something on their own node only
+            if node in self.node_guards:
+                continue  # its host guard holds
             views += build_views(snaps, placements, self.user, ignored=self.node_ghosts.get(node, ()),
                                  topology={s.key: f"{node}/{s.group or ''}" for s in snaps})  # gpus=N: one node
         return views
@@ -378,7 +395,8 @@ class Coordinator:
         scene = status.Scene(self.wall(), self.config.exclusive, self.config.settle, self.user, self.queues,
                              self.snapshots, (), self.draining, self.force, waiting_why=self.waiting_why)
         view = self.observer.annotate(status.build(scene, self.clock(), {}))
-        view["cluster"] = {"nodes": sorted(self.agents.nodes), "unreachable": sorted(self.unreachable)}
+        view["cluster"] = {"nodes": sorted(self.agents.nodes), "unreachable": sorted(self.unreachable),
+                           "host_guards": dict(sorted(self.node_guards.items()))}
         return view
 
     def _write_status(self, ending: int | None = None) -> None:

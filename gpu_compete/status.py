@@ -311,6 +311,8 @@ def render(view: dict[str, Any]) -> str:
         guard = view.get("host_guard")
         if guard:
             lines.append(f"host guard holds every queue since {guard['since']}: {guard['why']}")
+        for node, held in (view.get("cluster") or {}).get("host_guards", {}).items():
+            lines.append(f"host guard holds node {node} since {held.get('since')}: {held.get('why')}")
         lines += table(["QUEUE", "STATUS", "DONE", "CURRENT", "STATE", "GPU", "VRAM GB DECL/USED", "WHY WAITING"],
                         [[q["queue"], q["status"], f"{q['done']}/{q['total']}", q["current"],
                           q["current_state"] + (f" (in {q['retry_in_s']}s)" if q.get("retry_in_s") else "")

@@ -249,11 +249,11 @@ def test_an_unreachable_cluster_is_one_line_and_exit_2(tmp_path):
 def test_options_not_there_yet_with_ray_are_refused_in_one_line_before_connecting(tmp_path):
     (tmp_path / "c.txt").write_text("echo hi\n1,1\n")
     done = subprocess.run([console_script(), "run", "--commands", str(tmp_path / "c.txt"), "--state-dir",
-                           str(tmp_path / "s"), "--ray", "127.0.0.1:1", "--follow", "--min-free-ram", "1"],
+                           str(tmp_path / "s"), "--ray", "127.0.0.1:1", "--follow", "--registry", "r.json"],
                           capture_output=True, text=True)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].endswith("--follow, --min-free-ram cannot be used with --ray yet"), done.stderr
+    assert len(lines) == 1 and lines[0].endswith("--follow, --registry cannot be used with --ray yet"), done.stderr
 
 
 def test_ray_missing_is_one_line_with_the_install_command(tmp_path):

@@ -223,3 +223,21 @@ def test_an_oom_on_a_node_raises_what_the_next_attempt_needs(tmp_path, stop_all)
     assert (first["error_type"], first["peak_vram_gb"], first["vram_gb_needed"]) == ("oom", 10.0, 12.5)
     assert second["state"] == "normal_exit" and second["gpu"] == "n1/0"
     assert task.vram_gb_needed == 12.5
+
+
+def test_a_node_whose_host_guard_holds_gets_nothing_and_status_says_why(tmp_path, stop_all):
+    """--min-free-disk checked on each node by its agent: a node short of disk starts nothing
+    (the other node runs every task), and status names the node and the guard."""
+    run = Run(tmp_path, [("1", 0.2), ("2", 0.2), ("3", 0.2)], ["n1", "n2"])
+    run.agents = LocalAgents(lambda node: Agent(node, str(tmp_path / "state"), str(tmp_path), simulate="1x24",
+                                                kill_grace=1, min_free_disk=1e9 if node == "n1" else None),
+                             ["n1", "n2"])
+    run.coordinator = run.new_coordinator()
+    stop_all(run)
+    run.rounds()
+    assert {a.gpu for a in run.attempts()} == {"n2/0"}
+    held = run.coordinator.view()["cluster"]["host_guards"]
+    assert list(held) == ["n1"] and "< --min-free-disk 1000000000 GB" in held["n1"]["why"]
+    from gpu_compete import status
+
+    assert "host guard holds node n1 since " in status.render(run.coordinator.view())
