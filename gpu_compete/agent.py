@@ -28,10 +28,10 @@ from typing import Any, Callable
 from . import evidence, launcher, procs, stopping
 from .forkserver import ForkServer
 from .gpus import open_probe
-from .gpus.base import GpuSnapshot, current_user
+from .gpus.base import GpuProbe, GpuSnapshot, current_user
 from .hostguard import GuardWatch, HostGuard
 from .outcomes import GHOST_S
-from .placing import dead_listed, descends, launch_record, roots_of
+from .placing import dead_listed, descends, launch_record, roots_of, tree_on
 from .registry import Registry, RegistryError, private_dirs
 from .tasks import TaskSpec
 from .timefmt import iso
@@ -46,11 +46,18 @@ def node_dir(state_dir: str | os.PathLike[str], node: str) -> Path:
 
 
 class Agent:
-    def __init__(self, node: str, state_dir: str, work_dir: str, simulate: str | None = None, gpus: str = "all",
-                 kill_grace: float = 10.0, fence_s: float | None = None, contact_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic, min_free_ram: float | None = None,
-                 min_free_disk: float | None = None):
-        """`fence_s`: the coordinator's --node-timeout. While this agent lives it touches
+    def __init__(self, node: str | None, state_dir: str, work_dir: str, simulate: str | None = None,
+                 gpus: str = "all", kill_grace: float = 10.0, fence_s: float | None = None,
+                 contact_s: float | None = None, clock: Callable[[], float] = time.monotonic,
+                 min_free_ram: float | None = None, min_free_disk: float | None = None, *,
+                 probe: GpuProbe | None = None, registry: str | os.PathLike[str] | None = None):
+        """`node=None`: the agent of a single-machine run, in the daemon's process. Its files
+        are the run's own (`state_dir`, the `registry` given), its GPUs keep their plain keys,
+        it uses the `probe` the command line opened, and it forks supervisors itself (the
+        daemon is single-threaded); it has no heartbeat, since no coordinator elsewhere may
+        count its tasks lost.
+
+        `fence_s`: the coordinator's --node-timeout. While this agent lives it touches
         `agent.alive` every second; a supervisor started here ends its task (as lost) once the
         file is older than `fence_s`. The coordinator counts a node's tasks lost (and runs them
         elsewhere) only after it has not heard from the node for longer than that, so a node
@@ -65,13 +72,17 @@ class Agent:
         `min_free_ram`, `min_free_disk`: the host guards (GB), checked on this node; `observe`
         says why they hold (`"guard"`), and the coordinator starts nothing here meanwhile."""
         self.node = node
-        self.state = node_dir(state_dir, node).resolve()
-        private_dirs(self.state / "logs")
-        self.paths = launcher.LaunchPaths(Path(work_dir), self.state, self.state / "uni_id.json",
+        # In-process, the state directory is the run's as given: it names the run's processes
+        # (their namespace), as the daemon's and its wrapped scripts' do.
+        self.state = node_dir(state_dir, node).resolve() if node is not None else Path(state_dir)
+        if node is not None:  # (in-process, the daemon makes its directories when it takes them)
+            private_dirs(self.state / "logs")
+        self.paths = launcher.LaunchPaths(Path(work_dir), self.state,
+                                          Path(registry) if registry is not None else self.state / "uni_id.json",
                                           self.state / "history.jsonl")
         self.namespace = str(self.state)
         self.registry = Registry(self.paths.registry)
-        self.probe = open_probe(simulate=simulate, gpus=gpus, namespace=self.namespace)
+        self.probe = probe if probe is not None else open_probe(simulate=simulate, gpus=gpus, namespace=self.namespace)
         self.kill_grace = kill_grace
         self.heartbeat = self.state / "agent.alive"
         self.fence = (str(self.heartbeat), fence_s) if fence_s else None
@@ -79,10 +90,11 @@ class Agent:
         self.contact_s = contact_s
         self.last_contact = clock()
         self.owner_gone: Callable[[], bool] = lambda: False
-        self._beat()
+        if node is not None:
+            self._beat()
         if self.fence:
             threading.Thread(target=self._beat_forever, name="agent-heartbeat", daemon=True).start()
-        self.forks = ForkServer()
+        self.forks = ForkServer() if node is not None else None
         self.children: dict[str, launcher.Child] = {}  # supervisors this agent started
         self.exits: dict[str, int] = {}  # uid -> a pidfd of its supervisor (readable once it exits)
         self.gpu_pids: dict[str, set[int]] = {}  # pids of each running task seen on its GPUs
@@ -118,9 +130,31 @@ class Agent:
             return False
 
     def snapshot(self) -> list[GpuSnapshot]:
-        """This node's GPUs, named `node/key`."""
+        """This node's GPUs, named `node/key` (plain keys in-process)."""
         self._contact()
         return [_named(s, self.node) for s in self.probe.snapshot()]
+
+    def start(self, spec: TaskSpec, keys: list[str], cuda_visible: list[str], attempt: int,
+              timeout_s: float | None = None) -> launcher.Child:
+        """Fork a supervisor for the task on these local GPU keys; records nothing. In-process
+        the daemon forks it (and waits for it); on a node the fork server does, and the
+        supervisor's exit is watched through a pidfd."""
+        gpus = tuple(keys) if len(keys) > 1 else ()
+        if self.forks is None:
+            child = launcher.start(spec, keys[0], attempt, self.paths, cuda_visible=",".join(cuda_visible),
+                                   gpus=gpus, timeout_s=timeout_s, grace_s=self.kill_grace)
+        else:
+            pid, done_fd = self.forks.start(spec=spec, gpu=keys[0], attempt=attempt, paths=self.paths,
+                                            cuda_visible=",".join(cuda_visible), gpus=gpus, timeout_s=timeout_s,
+                                            grace_s=self.kill_grace, node=self.node, fence=self.fence)
+            os.set_blocking(done_fd, False)
+            child = launcher.Child(pid, done_fd)  # the fork server's child, not ours: never waited on here
+            try:
+                self.exits[spec.uni_id] = os.pidfd_open(child.pid)
+            except OSError:  # an old kernel, or it has ended already: the wait polls instead
+                pass
+        self.children[spec.uni_id] = child
+        return child
 
     def launch(self, spec: TaskSpec, keys: list[str], cuda_visible: list[str], attempt: int, retry_count: int,
                timeout_s: float | None = None) -> dict[str, Any]:
@@ -128,17 +162,7 @@ class Agent:
         written here (the node's registry), as the single-machine daemon writes it."""
         self._contact()
         with self.lock:
-            pid, done_fd = self.forks.start(spec=spec, gpu=keys[0], attempt=attempt, paths=self.paths,
-                                            cuda_visible=",".join(cuda_visible),
-                                            gpus=tuple(keys) if len(keys) > 1 else (), timeout_s=timeout_s,
-                                            grace_s=self.kill_grace, node=self.node, fence=self.fence)
-            os.set_blocking(done_fd, False)
-            child = launcher.Child(pid, done_fd)  # the fork server's child, not ours: never waited on here
-            self.children[spec.uni_id] = child
-            try:
-                self.exits[spec.uni_id] = os.pidfd_open(child.pid)
-            except OSError:  # an old kernel, or it has ended already: the wait polls instead
-                pass
+            child = self.start(spec, keys, cuda_visible, attempt, timeout_s)
             created = procs.create_time(child.pid)
             now = iso(time.time())
             fields = {"state": "running", "retry_count": retry_count, "gpu": keys[0], "node": self.node,
@@ -278,7 +302,7 @@ class Agent:
         if not running:
             return
         for uid, per_gpu in self.vram.sample(snapshots, running).items():
-            tasks[uid]["vram"] = {f"{self.node}/{key}": used for key, used in per_gpu.items()}
+            tasks[uid]["vram"] = {_key(self.node, key): used for key, used in per_gpu.items()}
 
     def _ended(self, outcome: str, error_type: str | None, record: dict[str, Any] | None, rc: int | None,
                why: str | None = None) -> dict[str, Any]:
@@ -290,10 +314,8 @@ class Agent:
     def _confirmed(self, uid: str, record: dict[str, Any] | None, snapshots: list[GpuSnapshot]) -> bool:
         """Whether a process of the task's tree shows on its GPU; the pids seen are kept, so
         they are not counted once the task has ended (NVML lists them a moment longer)."""
-        roots = self._roots(uid, record)
-        keys = _keys(record or {})
-        mine = {p.pid for s in snapshots if s.key in keys for p in s.processes
-                if p.pid not in self.ghosts and descends(p.pid, roots)}
+        on_gpu = {s.key: [p.pid for p in s.processes] for s in snapshots}
+        mine = tree_on(on_gpu, sorted(_keys(record or {})), self._roots(uid, record), self.ghosts)
         if mine:
             self.gpu_pids.setdefault(uid, set()).update(mine)
             self.pids_ours = True
@@ -387,7 +409,12 @@ def _keys(record: dict[str, Any]) -> set[str]:
     return {str(record.get("gpu"))} | {str(k) for k in record.get("gpus") or ()}
 
 
-def _named(snap: GpuSnapshot, node: str) -> GpuSnapshot:
+def _key(node: str | None, key: str) -> str:
+    """A GPU's name: `node/key` on a node of a cluster, the plain key in-process."""
+    return key if node is None else f"{node}/{key}"
+
+
+def _named(snap: GpuSnapshot, node: str | None) -> GpuSnapshot:
     from dataclasses import replace
 
-    return replace(snap, key=f"{node}/{snap.key}")
+    return snap if node is None else replace(snap, key=_key(node, snap.key))

@@ -34,6 +34,7 @@ from .gpus.base import (
     GpuSnapshot,
     current_user,
 )
+from .agent import Agent
 from .hooks import Hooks
 from .ledger import Ledger
 from .observe import Observer
@@ -109,16 +110,17 @@ class Daemon(Reconciling, Outcomes, Placing):
         self.rng = rng or random.Random(config.seed)
         self.out = out
         self.user = current_user()
-        self.namespace = str(config.state_dir)
-        self.registry = Registry(config.registry)
+        # The node's side of the run (probe, supervisors, registry, logs, and what is known of
+        # the processes on the GPUs) is the same Agent class a Ray node runs, in-process here.
+        self.node = Agent(None, str(config.state_dir), str(config.work_dir), probe=probe, registry=config.registry,
+                          kill_grace=config.kill_grace)
+        self.namespace = self.node.namespace
+        self.registry = self.node.registry
         self.ledger = Ledger(self.registry, config.history)
-        self.paths = launcher.LaunchPaths(config.work_dir, config.state_dir, config.registry, config.history)
+        self.paths = self.node.paths
         self.queues = {q: Queue(Task(s) for s in ss) for q, ss in group_queues(specs).items()}
         self.tasks: dict[str, Task] = {t.uni_id: t for q in self.queues.values() for t in q}
-        self.children: dict[str, launcher.Child] = {}
         self.known: dict[str, dict[str, Any]] = {}  # last registry record we wrote or saw, per task
-        self.gpu_pids: dict[str, set[int]] = {}  # pids of each running task seen on its GPU
-        self.ghosts: dict[int, float] = {}  # pid of an ended task -> until when it is not counted
         self.vacated: dict[str, float] = {}  # GPU our task has just left -> until when leftovers are looked for
         self.snapshots: list[GpuSnapshot] = []
         self.waiting_why: dict[str, str] = {}  # idle head -> why it did not start this round
@@ -132,6 +134,25 @@ class Daemon(Reconciling, Outcomes, Placing):
         hooks = Hooks(config.on_event, config.hook_timeout, config.state_dir / "hooks.log") if config.on_event else None
         self.observer = Observer(config.history, hooks, clock, wall)
         self.steer = Steering(self, book, follow)  # reloads and control requests
+
+    # The node's facts, kept by its agent: supervisors we started, the pids seen on each
+    # running task's GPUs, and pids of ended tasks not counted until when.
+
+    @property
+    def children(self) -> dict[str, launcher.Child]:
+        return self.node.children
+
+    @property
+    def gpu_pids(self) -> dict[str, set[int]]:
+        return self.node.gpu_pids
+
+    @property
+    def ghosts(self) -> dict[int, float]:
+        return self.node.ghosts
+
+    @ghosts.setter
+    def ghosts(self, value: dict[int, float]) -> None:
+        self.node.ghosts = value
 
     # --- start-up --------------------------------------------------------------------------
 
@@ -167,7 +188,7 @@ class Daemon(Reconciling, Outcomes, Placing):
         with self.ledger.batch():
             self._collect(now)
             self.steer.after_collect(now)
-            self.snapshots = self.probe.snapshot()
+            self.snapshots = self.node.snapshot()
             self._check_pid_namespace(now)
             self._ghost_leftovers(now)
             self._confirm(now)
@@ -260,7 +281,7 @@ class Daemon(Reconciling, Outcomes, Placing):
         self.ledger.read_only = True
         self.resume()
         now = self.clock()
-        self.snapshots = self.probe.snapshot()
+        self.snapshots = self.node.snapshot()
         views = build_views(self.snapshots, [], self.user)
         plan = plan_round(candidates(self.queues, now), views, self.rng, self.config.exclusive, self.config.pick)
         return status.render_dry_run(self, views, {launch.uni_id: ",".join(launch.gpus) for launch in plan})

@@ -5,7 +5,7 @@ A mixin of `Daemon` (its state lives there); split out so each piece stays small
 
 from __future__ import annotations
 
-from typing import Any, Collection
+from typing import Any, Collection, Iterable, Mapping
 
 import psutil
 import structlog
@@ -66,11 +66,7 @@ class Placing:
             return
         claimed = {pid for pids in self.gpu_pids.values() for pid in pids}
         for task in waiting:
-            roots = self._roots(task)
-            # A gpus=N task is confirmed once its tree shows on every one of its GPUs.
-            seen = [{pid for pid in on_gpu.get(key, ()) if pid not in claimed and descends(pid, roots)}
-                    for key in task.gpu_keys]
-            mine = set().union(*seen) if seen and all(seen) else set()
+            mine = tree_on(on_gpu, task.gpu_keys, self._roots(task), claimed)
             if mine:
                 task.confirmed = True
                 self.gpu_pids[task.uni_id] = mine
@@ -213,13 +209,11 @@ class Placing:
         keys = tuple(s.key for s in snaps)
         timeout = task.spec.timeout_s if task.spec.timeout_s is not None else self.config.timeout_s
         try:
-            child = launcher.start(task.spec, gpu, attempt, self.paths, cuda_visible=",".join(s.cuda_visible for s in snaps),
-                                   gpus=keys, timeout_s=timeout, grace_s=self.config.kill_grace)
+            child = self.node.start(task.spec, list(keys), [s.cuda_visible for s in snaps], attempt, timeout)
         except OSError as exc:
             log.error("cannot start task", uni_id=task.uni_id, error=str(exc))
             self._failed(task, "unknown", now, note=f"launch failed: {exc}")
             return
-        self.children[task.uni_id] = child
         self._listen(child)
         task.state, task.gpu, task.launched_at, task.confirmed, task.adopted = TaskState.RUNNING, gpu, now, False, False
         task.gpus = keys if len(keys) > 1 else ()
@@ -279,6 +273,15 @@ def roots_of(record: dict[str, Any], child: launcher.Child | None) -> set[int]:
     if child is not None:
         roots.add(child.pid)
     return roots
+
+
+def tree_on(on_gpu: Mapping[str, Collection[int]], keys: Iterable[str], roots: set[int],
+            skip: Collection[int]) -> set[int]:
+    """The pids of a task's tree (its `roots` and what descends from them) listed on its GPUs,
+    once it shows on every one of them (a gpus=N task on all N); empty before. `skip`: pids
+    known to be something else (another task's, an ended task's)."""
+    seen = [{pid for pid in on_gpu.get(key, ()) if pid not in skip and descends(pid, roots)} for key in keys]
+    return set().union(*seen) if seen and all(seen) else set()
 
 
 def dead_listed(snapshots: list[GpuSnapshot], keys: Collection[str], known: Collection[int]) -> list[int]:

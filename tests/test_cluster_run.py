@@ -321,7 +321,7 @@ def test_on_event_hooks_and_metrics_work_across_the_nodes(tmp_path, cluster):
     run = ClusterRun(tmp_path, cluster.address, [("1", 3.0), ("2", 3.0)])
     events = tmp_path / "hook-events"
     hook = f'echo "$GPU_COMPETE_EVENT ${{GPU_COMPETE_UNI_ID:--}} ${{GPU_COMPETE_GPU:--}}" >> {events}'
-    run.start("--on-event", hook, "--metrics-port", "0")
+    run.start("--on-event", hook, "--metrics-port", "0", "--min-free-ram", "0.001")  # (a guard that never holds)
     assert run.proc is not None and run.proc.stderr is not None
     url = None
     for line in run.proc.stderr:  # the first lines: the metrics server's address comes before any task
