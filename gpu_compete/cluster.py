@@ -338,8 +338,12 @@ class Agents:
         return sorted(joined)
 
     def _own_lease(self) -> Any:
+        """This driver's Lease: on its own node, and started again if only its worker died
+        (Ray never restarts an actor whose owner died, which is what the agents ask)."""
         if self._lease is None:
-            self._lease = self.ray.remote(num_cpus=0, num_gpus=0)(Lease).remote()
+            here = self.ray.get_runtime_context().get_node_id()
+            self._lease = self.ray.remote(num_cpus=0, num_gpus=0, max_restarts=-1)(Lease).options(
+                scheduling_strategy=self._affinity(node_id=here, soft=False)).remote()
         return self._lease
 
     def _start(self, node: str, node_id: str) -> Any:

@@ -48,7 +48,7 @@ from .policy import (
     queue_status,
 )
 from .reconcile import DaemonError, Reconciling
-from .registry import Registry, RegistryError, private_dirs
+from .registry import RegistryError, private_dirs
 from .steering import Steering
 from .tasks import Queue, Task, TaskSpec, TaskState, group_queues
 from .timefmt import iso as _iso
