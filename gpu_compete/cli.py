@@ -518,17 +518,16 @@ def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, stat
                     timeout_s=timeout, retry_permanent=retry_permanent, oom_growth=oom_growth,
                     guard=HostGuard(min_free_ram, min_free_disk))
     if ray_address:
-        unsupported = [name for name, value in (("--follow", follow),
-                                                ("--registry", registry_file is not None)) if value]
-        if unsupported:
-            _fail(f"{', '.join(unsupported)} cannot be used with --ray yet")
+        if registry_file is not None:
+            _fail("--registry cannot be used with --ray (each node keeps STATE_DIR/nodes/NODE/uni_id.json)")
         from .cluster_run import run_on_cluster
 
         metrics_at = (metrics_host, metrics_port) if metrics_port is not None else None
         sys.exit(run_on_cluster(ray_address, config, parsed.tasks, simulate=simulate, gpu_scope=gpu_scope,
                                 node_timeout=node_timeout, fail=_fail,
                                 serve_metrics=lambda: _serve_metrics(*metrics_at, state) if metrics_at else None,
-                                dry_run=dry_run))
+                                dry_run=dry_run, book=CommandBook(Path(commands_file).resolve(), parsed),
+                                follow=follow))
     probe = _open_probe(simulate, gpu_scope, namespace=str(state))
     try:
         book = CommandBook(Path(commands_file).resolve(), parsed)

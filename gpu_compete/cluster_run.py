@@ -46,7 +46,8 @@ def fetch_log(address: str, state_dir: Path, uni_id: str, *, fail: Callable[...,
 
 def run_on_cluster(address: str, config: Config, specs: list[TaskSpec], *, simulate: str | None, gpu_scope: str,
                    node_timeout: float, fail: Callable[[str], NoReturn],
-                   serve_metrics: Callable[[], Any] = lambda: None, dry_run: bool = False) -> int:
+                   serve_metrics: Callable[[], Any] = lambda: None, dry_run: bool = False,
+                   book: Any = None, follow: bool = False) -> int:
     """`serve_metrics()`: starts the metrics server (--metrics-port) once the state directory
     is ours, and returns it (or None); it serves what the coordinator writes there."""
     from . import cluster
@@ -73,7 +74,7 @@ def run_on_cluster(address: str, config: Config, specs: list[TaskSpec], *, simul
     server = None
     try:
         server = serve_metrics()
-        coordinator = Coordinator(config, specs, agents, node_timeout=node_timeout)
+        coordinator = Coordinator(config, specs, agents, node_timeout=node_timeout, book=book, follow=follow)
         coordinator.resume()
         code = coordinator.run()
         if code == EXIT_OK:

@@ -21,6 +21,7 @@ runs twice.
 from __future__ import annotations
 
 import random
+import signal
 import time
 from typing import Any, Callable
 
@@ -28,11 +29,13 @@ import structlog
 
 from . import journal, status, vram
 from .classify import is_permanent
+from .commandbook import CommandBook
 from .daemon import Config, all_ended, exit_code
 from .gpus.base import GpuSnapshot, current_user
 from .hooks import Hooks
 from .observe import Observer
 from .policy import Placement, build_views, candidates, fits, lease_active, plan_round
+from .steering import drop_ended, rebuild
 from .tasks import Queue, Task, TaskSpec, TaskState, group_queues
 from .timefmt import iso
 from .wakeloop import WakeLoop, set_flags
@@ -59,7 +62,10 @@ def split_key(key: str) -> tuple[str, str]:
 class Coordinator:
     def __init__(self, config: Config, specs: list[TaskSpec], agents: Any, *, node_timeout: float = 30.0,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 rng: random.Random | None = None, out: Callable[[str], None] = print):
+                 rng: random.Random | None = None, out: Callable[[str], None] = print,
+                 book: CommandBook | None = None, follow: bool = False):
+        """`book`: the command file, followed as on one machine (edits apply within a round,
+        SIGHUP reads it at once); `follow`: wait for more work once everything has ended."""
         self.config, self.agents, self.node_timeout = config, agents, node_timeout
         self.clock, self.wall = clock, wall
         self.rng = rng or random.Random(config.seed)
@@ -77,8 +83,11 @@ class Coordinator:
         self.node_ghosts: dict[str, set[int]] = {}  # pids of ended tasks each agent says not to count
         self.node_guards: dict[str, dict[str, str]] = {}  # node whose host guard holds -> {why, since}
         self.waiting_why: dict[str, str] = {}
-        self.draining = self.force = self.status_requested = False
+        self.draining = self.force = self.status_requested = self.reload_requested = False
         self.next_status = 0.0
+        self.book, self.follow = book, follow
+        self.removed: set[str] = set()  # running tasks no longer in the file: dropped when they end
+        self.last_reload: str | None = None
         hooks = Hooks(config.on_event, config.hook_timeout, config.state_dir / "hooks.log") if config.on_event else None
         self.observer = Observer(config.history, hooks, clock, wall)  # --on-event, and what status adds
 
@@ -150,6 +159,7 @@ class Coordinator:
 
     def tick(self, wait_s: float) -> None:
         """Hear from the agents (waiting up to `wait_s` for news), then plan and launch."""
+        self._reload()
         now = self.clock()
         for node in self.agents.refresh():
             self._joined(node)
@@ -177,9 +187,27 @@ class Coordinator:
             if now - since > self._patience():
                 del self.unreachable[node]
                 self._node_gone(node, f"not heard from for {now - since:.0f} s", now)
+        drop_ended(self.removed, self.tasks, self.queues)
         if not self.draining and not self.force:
             self._plan_and_launch(now)
         self._write_status()
+
+    def _reload(self) -> None:
+        """The command file, if it changed (or SIGHUP asked): a diff by uni_id, as on one machine."""
+        if self.book is None:
+            return
+        force, self.reload_requested = self.reload_requested, False
+        specs = self.book.check(force=force)
+        if specs is None:
+            return
+        self.queues, self.tasks, change = rebuild(
+            self.queues, self.tasks, specs, self.config.history, self.config.fresh,
+            lambda: journal.completed(journal.entries(self.config.history)))
+        self.removed = (self.removed | set(change.removed_running)) - {s.uni_id for s in specs}
+        if not change.empty:
+            self.last_reload = change.summary()
+            log.info("command file reloaded", added=len(change.added), dropped=len(change.removed_pending),
+                     running_out=len(change.removed_running), unchanged=len(change.unchanged))
 
     def _ask_all(self) -> None:
         for node in self.agents.nodes:
@@ -397,6 +425,9 @@ class Coordinator:
         view = self.observer.annotate(status.build(scene, self.clock(), {}))
         view["cluster"] = {"nodes": sorted(self.agents.nodes), "unreachable": sorted(self.unreachable),
                            "host_guards": dict(sorted(self.node_guards.items()))}
+        view["steering"] = {"follow": self.follow, "commands_file": str(self.book.path) if self.book else None,
+                            "commands_error": self.book.error if self.book else None,
+                            "last_reload": self.last_reload, "running_out": sorted(self.removed)}
         return view
 
     def _write_status(self, ending: int | None = None) -> None:
@@ -410,13 +441,15 @@ class Coordinator:
     def finished(self) -> bool:
         if self.draining:
             return not any(t.state is TaskState.RUNNING for t in self.tasks.values())
-        return all_ended(self.queues)
+        return not self.follow and all_ended(self.queues)
 
     def exit_code(self) -> int:
         return exit_code(self.tasks, self.queues)
 
     def on_signal(self, signum: int) -> None:
-        set_flags(self, signum)  # SIGHUP (reload) is not for a --ray run yet
+        set_flags(self, signum)
+        if signum == signal.SIGHUP:
+            self.reload_requested = True
 
     def run(self) -> int:
         with WakeLoop(self.on_signal, self.clock):

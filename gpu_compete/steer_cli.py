@@ -39,14 +39,15 @@ def _error(message: str, as_json: bool, code: int = USAGE) -> None:
 
 
 def _refuse_ray_run(state: Path, as_json: bool) -> None:
-    """A --ray run has no control socket and does not follow its command file yet: say so."""
+    """A --ray run has no control socket yet (it follows its command file): say so."""
     try:
         cluster = json.loads((state / "status.json").read_text()).get("cluster")
     except (OSError, ValueError, AttributeError):
         return
     if cluster is not None:
         _error(f"the run on {state} is a --ray run: changing its queue while it runs (add, skip, retry, kill, "
-               "pause, resume, reload) is not supported with --ray yet; `gpu-compete stop` drains it", as_json)
+               "pause, resume, reload) is not supported with --ray yet; edit the command file (it is followed), "
+               "or `gpu-compete stop` drains it", as_json)
 
 
 def _ask(state_dir: str, payload: dict[str, Any], as_json: bool) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import structlog
 
@@ -45,6 +45,60 @@ def skipped_in_history(path: Any) -> set[str]:
         elif isinstance(uid, str) and e.get("state") == "unskipped":
             out.discard(uid)
     return out
+
+
+def rebuild(queues: dict[str, Queue], tasks: dict[str, Task], specs: list, history: Any, fresh: bool,
+            journaled: Callable[[], set[str]]) -> tuple[dict[str, Queue], dict[str, Task], Diff]:
+    """The queues and tasks after a reload to `specs` (the rule is in the module's docstring),
+    and the diff. A task new to the run starts as the history says: completed (`journaled()`,
+    the uni_ids with a success line), skipped, or failed for good."""
+    change = diff({u: t.state is TaskState.RUNNING for u, t in tasks.items()}, specs)
+    new_ids = {s.uni_id for s in specs}
+    done = journaled() if change.added and not fresh else set()
+    gave_up = {} if fresh else journal.failed_for_good(history) if change.added else {}
+    skipped = skipped_in_history(history) if change.added and not fresh else set()
+    new_tasks: dict[str, Task] = {}
+    new_queues: dict[str, Queue] = {}
+    by_queue = group_queues(list(specs))
+    for name in list(by_queue) + [q for q in queues if q not in by_queue]:
+        old = queues.get(name, [])
+        front = [t for t in old if t.state in IN_PROGRESS
+                 and (t.uni_id in new_ids or t.state is TaskState.RUNNING)]
+        rest, in_front = [], {id(t) for t in front}
+        for spec in by_queue.get(name, []):
+            task = tasks.get(spec.uni_id)
+            if task is None:
+                task = Task(spec)
+                if spec.uni_id in done:
+                    task.state = TaskState.COMPLETED
+                elif spec.uni_id in skipped:
+                    task.state = TaskState.SKIPPED
+                elif spec.uni_id in gave_up:
+                    task.state, task.error_type = TaskState.FAILED, gave_up[spec.uni_id].get("error_type")
+            elif task.state is not TaskState.RUNNING:
+                task.spec = spec
+            if id(task) not in in_front:
+                rest.append(task)
+        if front or rest:
+            new_queues[name] = Queue(front + rest)
+            new_tasks.update((t.uni_id, t) for t in new_queues[name])
+    return new_queues, new_tasks, change
+
+
+def drop_ended(removed: set[str], tasks: dict[str, Task], queues: dict[str, Queue]) -> None:
+    """Tasks no longer in the command file that have ended since: out of their queues."""
+    for uid in [u for u in removed if tasks.get(u) is None or tasks[u].state is not TaskState.RUNNING]:
+        removed.discard(uid)
+        task = tasks.pop(uid, None)
+        if task is not None:
+            queue = queues.get(task.spec.queue)
+            if queue is not None and task in queue:
+                rest = [t for t in queue if t is not task]
+                if rest:
+                    queues[task.spec.queue] = Queue(rest)
+                else:
+                    del queues[task.spec.queue]
+            log.info("task no longer in the command file ended; dropped", uni_id=uid)
 
 
 class Steering(Orders):
@@ -112,19 +166,7 @@ class Steering(Orders):
 
     def after_collect(self, now: float) -> None:
         """Drop removed tasks that have ended; SIGKILL killed tasks past their grace."""
-        for uid in [u for u in self.removed if self.d.tasks.get(u) is None
-                    or self.d.tasks[u].state is not TaskState.RUNNING]:
-            self.removed.discard(uid)
-            task = self.d.tasks.pop(uid, None)
-            if task is not None:
-                queue = self.d.queues.get(task.spec.queue)
-                if queue is not None and task in queue:
-                    rest = [t for t in queue if t is not task]
-                    if rest:
-                        self.d.queues[task.spec.queue] = Queue(rest)
-                    else:
-                        del self.d.queues[task.spec.queue]
-                log.info("task no longer in the command file ended; dropped", uni_id=uid)
+        drop_ended(self.removed, self.d.tasks, self.d.queues)
         for uid, kill in list(self.killing.items()):
             task = self.d.tasks.get(uid)
             if task is None or task.state is not TaskState.RUNNING:
@@ -178,38 +220,9 @@ class Steering(Orders):
 
     def apply(self, specs: list) -> Diff:
         d = self.d
-        change = diff({u: t.state is TaskState.RUNNING for u, t in d.tasks.items()}, specs)
-        new_ids = {s.uni_id for s in specs}
-        journaled = d.ledger.journaled if not d.config.fresh else set()
-        gave_up = {} if d.config.fresh else journal.failed_for_good(d.config.history) if change.added else {}
-        skipped = skipped_in_history(d.config.history) if change.added and not d.config.fresh else set()
-        tasks: dict[str, Task] = {}
-        queues: dict[str, Queue] = {}
-        by_queue = group_queues(list(specs))
-        for name in list(by_queue) + [q for q in d.queues if q not in by_queue]:
-            old = d.queues.get(name, [])
-            front = [t for t in old if t.state in IN_PROGRESS
-                     and (t.uni_id in new_ids or t.state is TaskState.RUNNING)]
-            rest, in_front = [], {id(t) for t in front}
-            for spec in by_queue.get(name, []):
-                task = d.tasks.get(spec.uni_id)
-                if task is None:
-                    task = Task(spec)
-                    if spec.uni_id in journaled:
-                        task.state = TaskState.COMPLETED
-                    elif spec.uni_id in skipped:
-                        task.state = TaskState.SKIPPED
-                    elif spec.uni_id in gave_up:
-                        task.state, task.error_type = TaskState.FAILED, gave_up[spec.uni_id].get("error_type")
-                elif task.state is not TaskState.RUNNING:
-                    task.spec = spec
-                if id(task) not in in_front:
-                    rest.append(task)
-            if front or rest:
-                queues[name] = Queue(front + rest)
-                tasks.update((t.uni_id, t) for t in queues[name])
-        d.queues, d.tasks = queues, tasks
-        self.removed = (self.removed | set(change.removed_running)) - new_ids
+        d.queues, d.tasks, change = rebuild(d.queues, d.tasks, specs, d.config.history, d.config.fresh,
+                                            lambda: d.ledger.journaled)
+        self.removed = (self.removed | set(change.removed_running)) - {s.uni_id for s in specs}
         for uid in change.removed_pending:
             self.killing.pop(uid, None)
         if not change.empty:

@@ -246,14 +246,14 @@ def test_an_unreachable_cluster_is_one_line_and_exit_2(tmp_path):
     assert time.monotonic() - started < 30
 
 
-def test_options_not_there_yet_with_ray_are_refused_in_one_line_before_connecting(tmp_path):
+def test_registry_with_ray_is_refused_in_one_line_before_connecting(tmp_path):
     (tmp_path / "c.txt").write_text("echo hi\n1,1\n")
     done = subprocess.run([console_script(), "run", "--commands", str(tmp_path / "c.txt"), "--state-dir",
-                           str(tmp_path / "s"), "--ray", "127.0.0.1:1", "--follow", "--registry", "r.json"],
+                           str(tmp_path / "s"), "--ray", "127.0.0.1:1", "--registry", "r.json"],
                           capture_output=True, text=True)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].endswith("--follow, --registry cannot be used with --ray yet"), done.stderr
+    assert len(lines) == 1 and "--registry cannot be used with --ray" in lines[0], done.stderr
 
 
 def test_ray_missing_is_one_line_with_the_install_command(tmp_path):
@@ -367,3 +367,17 @@ def test_dry_run_shows_every_node_and_leaves_nothing_behind(tmp_path, cluster):
     assert not (run.dir / "events").exists() and not (run.state / "history.jsonl").exists()
     assert not (run.state / "daemon.pid").exists()
     assert run.agents_named() == []
+
+
+def test_a_block_added_to_the_command_file_mid_run_runs(tmp_path, cluster):
+    """The command file is followed with --ray too: a block appended while the run goes on runs."""
+    run = ClusterRun(tmp_path, cluster.address, [("1", 3.0)])
+    run.start()
+    wait_for(lambda: len(run.running()) == 1, 30, "the first task to start")
+    with run.commands.open("a") as fh:
+        fh.write("\n# added\nbash {work_dir}/task.sh {uni_id} 0.3\n2,8\n")
+    code, err = run.wait()
+    assert code == 0, err[-3000:]
+    assert "command file reloaded" in err
+    attempts = run.attempts()
+    assert len(attempts) == 2 and all(a.status == 0 for a in attempts)

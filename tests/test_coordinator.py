@@ -12,6 +12,7 @@ import pytest
 
 from gpu_compete import procs
 from gpu_compete.agent import Agent, node_dir
+from gpu_compete.commandbook import CommandBook
 from gpu_compete.commandfile import parse
 from gpu_compete.coordinator import Coordinator, contact_s
 from gpu_compete.daemon import Config
@@ -241,3 +242,36 @@ def test_a_node_whose_host_guard_holds_gets_nothing_and_status_says_why(tmp_path
     from gpu_compete import status
 
     assert "host guard holds node n1 since " in status.render(run.coordinator.view())
+
+
+def test_the_command_file_is_followed_across_nodes_as_on_one_machine(tmp_path, stop_all):
+    """Edits apply within a round: a block added runs, a pending block removed never runs, a
+    running one removed runs to its end and is then dropped; with --follow the run then waits
+    for more work instead of ending."""
+    run = Run(tmp_path, [("1", 0.1)], ["n1", "n2"])
+
+    def block(name: str, secs: float, queue: str) -> str:
+        return f"# {name}\nbash {{work_dir}}/task.sh {{uni_id}}-{name} {secs}\n{queue},8\n\n"
+
+    path = tmp_path / "command.txt"
+    path.write_text(block("a", 2.0, "1") + block("b", 0.2, "1"))
+    parsed = parse(path.read_text())
+    run.specs = parsed.tasks
+    run.coordinator = Coordinator(run.config, run.specs, run.agents, node_timeout=1, out=lambda _: None,
+                                  book=CommandBook(path, parsed), follow=True)
+    run.coordinator.resume()
+    stop_all(run)
+    a, b = (s.uni_id for s in run.specs)
+    run.rounds(until=lambda: a in run.coordinator.where)
+    path.write_text(block("c", 0.2, "2"))  # a (running) and b (pending) removed, c added
+    c = parse(path.read_text()).tasks[0].uni_id
+    run.rounds(until=lambda: run.coordinator.tasks.get(c) is not None
+               and run.coordinator.tasks[c].state is TaskState.COMPLETED and a not in run.coordinator.tasks)
+    view = run.coordinator.view()
+    assert view["steering"]["last_reload"] == "1 added, 1 dropped, 1 running out, 0 unchanged"
+    ran = {x.uni_id.rsplit("-", 1)[-1]: x for x in run.attempts()}
+    assert set(ran) == {"a", "c"} and ran["a"].status == 0 and ran["c"].status == 0  # b never ran
+    assert list(run.coordinator.tasks) == [c]
+    assert not run.coordinator.finished()  # --follow: waits for more
+    run.coordinator.draining = True
+    assert run.coordinator.finished()
