@@ -56,7 +56,7 @@ class NodeGone(ClusterError):
     """The node's agent is dead: its actor died, was killed, or its node left the cluster."""
 
 
-class NodeTimeout(ClusterError):
+class NodeTimeout(ClusterError, TimeoutError):
     """The node's agent did not answer in time (the call may still run later)."""
 
 

@@ -209,6 +209,17 @@ class Coordinator:
             log.info("command file reloaded", added=len(change.added), dropped=len(change.removed_pending),
                      running_out=len(change.removed_running), unchanged=len(change.unchanged))
 
+    def _keep_contact(self, slow: str) -> None:
+        """After a slow call, a word to every other agent: its heartbeat goes on while it hears
+        from us (`Agent.should_beat`), and a round stuck on one node must not let the others'
+        tasks be fenced."""
+        for node in self.agents.nodes:
+            if node != slow:
+                try:
+                    self.agents.submit(node, "ping")  # not waited for
+                except Exception:  # noqa: BLE001 - a node in trouble is found by its observe
+                    pass
+
     def _ask_all(self) -> None:
         for node in self.agents.nodes:
             if node not in self.inflight:
@@ -404,12 +415,22 @@ class Coordinator:
         attempt = task.retry_count + 1
         keys = [split_key(s.key)[1] for s in snaps]
         timeout = task.spec.timeout_s if task.spec.timeout_s is not None else self.config.timeout_s
+        asked = self.clock()
         try:
             self.agents.call(node, "launch", task.spec, keys, [s.cuda_visible for s in snaps], attempt,
                              task.retry_count, timeout, timeout=self.node_timeout)
-        except Exception as exc:  # noqa: BLE001 - the node's trouble is found by its next observe
+        except TimeoutError as exc:
+            # No answer: the task may have started there (the call can still arrive). It counts
+            # as running on that node, unconfirmed, until the node says: its next observe
+            # (unknown to it: lost and retried) or its loss (the fence ends any copy first).
+            log.error("no answer to a launch; the task counts as running there until the node says",
+                      uni_id=task.uni_id, node=node, error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - refused or gone: it did not start
             log.error("cannot start task", uni_id=task.uni_id, node=node, error=str(exc))
             return
+        finally:
+            if self.clock() - asked > 1.0:
+                self._keep_contact(node)
         task.state, task.gpu, task.launched_at, task.confirmed, task.adopted = (
             TaskState.RUNNING, snaps[0].key, now, False, False)
         task.gpus = tuple(s.key for s in snaps) if len(snaps) > 1 else ()

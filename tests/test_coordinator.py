@@ -275,3 +275,41 @@ def test_the_command_file_is_followed_across_nodes_as_on_one_machine(tmp_path, s
     assert not run.coordinator.finished()  # --follow: waits for more
     run.coordinator.draining = True
     assert run.coordinator.finished()
+
+
+def test_a_round_stuck_on_a_cut_off_node_does_not_fence_the_other_nodes_tasks(tmp_path, stop_all):
+    """Six launches to a node that no longer answers take a second each; meanwhile the other
+    node's agent keeps hearing from the coordinator, so its running task is not fenced (it
+    would be past --poll + 2 s + --node-timeout of silence). The launches that got no answer
+    count as running there until the node says it never had them; every task runs once."""
+    run = Run(tmp_path, [("1", 0.1)], ["n2"])
+    sims = {"n1": "6x24", "n2": "1x24"}
+    run.agents = LocalAgents(lambda node: Agent(node, str(tmp_path / "state"), str(tmp_path), simulate=sims[node],
+                                                kill_grace=1, fence_s=1, contact_s=contact_s(run.config.poll)),
+                             ["n2"])
+
+    def block(name: str, secs: float, queue: str) -> str:
+        return f"# {name}\nbash {{work_dir}}/task.sh {{uni_id}}-{name} {secs}\n{queue},8\n\n"
+
+    path = tmp_path / "command.txt"
+    path.write_text(block("long", 10.0, "1"))
+    parsed = parse(path.read_text())
+    run.specs = parsed.tasks
+    run.coordinator = Coordinator(run.config, run.specs, run.agents, node_timeout=1, out=lambda _: None,
+                                  book=CommandBook(path, parsed))
+    run.coordinator.resume()
+    stop_all(run)
+    long = run.specs[0].uni_id
+    run.rounds(until=lambda: run.coordinator.where.get(long) == "n2")
+    run.agents.add("n1")
+    run.rounds(until=lambda: "n1" in run.coordinator.node_snapshots)
+    run.agents.cut("n1")
+    path.write_text(path.read_text() + "".join(block(f"s{i}", 0.2, str(i + 2)) for i in range(6)))
+    run.rounds(until=lambda: sum(n == "n1" for n in run.coordinator.where.values()) == 6, timeout=30)
+    run.agents.heal("n1")
+    run.rounds(timeout=60)
+    log = (node_dir(tmp_path / "state", "n2") / "logs" / f"{long}.log").read_text()
+    assert "fence:" not in log, log
+    attempts = run.attempts()
+    assert sorted(a.uni_id.rsplit("-", 1)[-1] for a in attempts) == sorted(["long", *(f"s{i}" for i in range(6))])
+    assert all(a.status == 0 for a in attempts)
