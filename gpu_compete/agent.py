@@ -237,9 +237,11 @@ class Agent:
                               "state": "running" if uid in live else record.get("state", "running")}
         return found
 
-    def kill(self, uni_ids: list[str]) -> None:
+    def kill(self, uni_ids: list[str], stopped: bool = False) -> None:
         """End these tasks' processes (SIGTERM, SIGKILL after the grace period); only
-        processes we started, by their recorded identity or their environment."""
+        processes we started, by their recorded identity or their environment. `stopped`
+        (`stop --kill`): once their supervisors have written how they ended, their records say
+        `stopped`, so a restarted coordinator runs them again without counting a failure."""
         self._contact()
         try:
             records = self.registry.read()
@@ -250,6 +252,27 @@ class Agent:
         stopping.end_tasks(chosen, self.kill_grace, lambda: None)  # the kernel reaps the fork server's children
         for uid in uni_ids:
             procs.kill_all(procs.processes_with_env(**{evidence.UNI_ID_ENV: uid, evidence.NAMESPACE_ENV: self.namespace}))
+        if stopped:
+            self._record_stopped(uni_ids, {uid: records.get(uid) or {} for uid in uni_ids})
+
+    def _record_stopped(self, uni_ids: list[str], records: dict[str, dict[str, Any]]) -> None:
+        deadline = time.monotonic() + 5.0
+        supervisors = [p for uid in uni_ids
+                       if procs.is_pid(p := (self.children[uid].pid if uid in self.children
+                                             else records[uid].get("supervisor_pid")))]
+        while time.monotonic() < deadline and any(procs.liveness(p) != "dead" for p in supervisors):
+            time.sleep(0.05)  # their own last word first: ours goes on top of it
+
+        def change(data: dict[str, Any]) -> None:
+            for uid in uni_ids:
+                record = data.get(uid)
+                if isinstance(record, dict) and record.get("state") != "normal_exit":
+                    record.update(state="abnormal_exit", error_type="stopped", updated_at=iso(time.time()))
+
+        try:
+            self.registry.update(change)
+        except RegistryError:
+            pass  # they then count as failed attempts: the run goes on
 
     def log(self, uni_id: str, tail_bytes: int | None = None) -> str | None:
         path = launcher.log_path(self.state, uni_id)
@@ -362,7 +385,8 @@ class Agent:
 
     def _beat(self) -> None:
         try:
-            self.heartbeat.touch()
+            os.close(os.open(self.heartbeat, os.O_WRONLY | os.O_CREAT, 0o600))  # private, as every state file
+            os.utime(self.heartbeat)
         except OSError:
             pass  # a full disk: the supervisors' fences may end tasks, which then run elsewhere
 

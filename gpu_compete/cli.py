@@ -480,8 +480,9 @@ def _env(name: str) -> str:
               help="Run across the Ray cluster at ADDRESS (host:port, or `auto`): one agent per node, GPUs "
                    "named node/index. Needs pip install 'gpu-compete[ray]'.")
 @click.option("--node-timeout", default=30.0, type=SECONDS, show_default=True, envvar=_env("NODE_TIMEOUT"),
-              help="With --ray: a node whose agent does not answer for this long is given up; its running "
-                   "tasks are lost and run again elsewhere.")
+              help="With --ray: a node not heard from for --poll + 2 s + this + 2 s is given up; its running "
+                   "tasks, ended there by then (a node's tasks end once its agent has not heard from the "
+                   "coordinator for --poll + 2 s + this), are lost and run again elsewhere.")
 def run(commands_file: str, work_dir: str, gpu_scope: str, exclusive: bool, state_dir: str,
         registry_file: str | None, poll: float, settle: float, retry_burst: int, backoff: float,
         max_retries: int | None, status_every: float, seed: int | None, pick: str, dry_run: bool,

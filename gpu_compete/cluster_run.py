@@ -77,8 +77,8 @@ def run_on_cluster(address: str, config: Config, specs: list[TaskSpec], *, simul
         coordinator = Coordinator(config, specs, agents, node_timeout=node_timeout, book=book, follow=follow)
         coordinator.resume()
         code = coordinator.run()
-        if code == EXIT_OK:
-            agents.shutdown_all()  # nothing of ours runs any more
+        if coordinator.nothing_running():
+            agents.shutdown_all()  # nothing of ours runs any more (a restart starts new agents)
         return code
     finally:
         if server is not None:

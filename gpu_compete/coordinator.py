@@ -30,10 +30,11 @@ import structlog
 from . import journal, status, vram
 from .classify import is_permanent
 from .commandbook import CommandBook
-from .daemon import Config, all_ended, exit_code
+from .daemon import EXIT_STOPPED, Config, all_ended, exit_code
 from .gpus.base import GpuSnapshot, current_user
 from .hooks import Hooks
 from .observe import Observer
+from .placing import explain_waits
 from .policy import Placement, build_views, candidates, fits, lease_active, plan_round
 from .steering import drop_ended, rebuild
 from .tasks import Queue, Task, TaskSpec, TaskState, group_queues
@@ -82,6 +83,7 @@ class Coordinator:
         self.seen_nodes: set[str] = set()
         self.node_ghosts: dict[str, set[int]] = {}  # pids of ended tasks each agent says not to count
         self.node_guards: dict[str, dict[str, str]] = {}  # node whose host guard holds -> {why, since}
+        self._told_too_large: set[str] = set()  # heads said (once) to fit no GPU of any node
         self.waiting_why: dict[str, str] = {}
         self.draining = self.force = self.status_requested = self.reload_requested = False
         self.next_status = 0.0
@@ -136,7 +138,10 @@ class Coordinator:
         task.state, task.adopted, task.launched_at, task.confirmed = TaskState.RUNNING, True, now, False
         task.gpu = f"{node}/{info.get('gpu')}" if info.get("gpu") is not None else None
         self.where[task.uni_id] = node
-        log.info("adopted running task", uni_id=task.uni_id, node=node, gpu=task.gpu)
+        if info.get("state", "running") == "running":
+            log.info("adopted running task", uni_id=task.uni_id, node=node, gpu=task.gpu)
+        else:  # its node's next answer says how it ended
+            log.info("found a task that ended while no coordinator watched", uni_id=task.uni_id, node=node)
 
     def dry_run(self) -> str:
         """Queues, expanded commands, and where the heads would start now on which node;
@@ -330,7 +335,15 @@ class Coordinator:
     # --- outcomes ---------------------------------------------------------------------------
 
     def _ended(self, task: Task, node: str, how: dict[str, Any], now: float) -> None:
-        if how["outcome"] == "normal_exit":
+        if how["outcome"] == "abnormal_exit" and how.get("error_type") == "stopped":
+            # Ended by `stop --kill` (found so by a restarted coordinator): runs again, not a failure.
+            self._release(task)
+            task.state, task.retry_at, task.error_type = TaskState.RETRY, now, "stopped"
+            self._append({"uni_id": task.uni_id, "state": "stopped", "queue": task.spec.queue, "node": node,
+                          "gpu": task.gpu, "attempt": task.retry_count + 1, "by": "stop --kill"})
+            log.warning("task was stopped by stop --kill; it runs again, not counted as a failure",
+                        uni_id=task.uni_id, node=node)
+        elif how["outcome"] == "normal_exit":
             self._release(task)
             task.state, task.error_type = TaskState.COMPLETED, None
             self._append({"uni_id": task.uni_id, "state": "normal_exit", "queue": task.spec.queue,
@@ -356,15 +369,22 @@ class Coordinator:
                  "end": (how or {}).get("ended_at") or iso(self.wall()), **vram.usage_fields(task)}
         if error_type == "oom":  # the next attempt asks for what this one was seen to use, and more
             entry["vram_gb_needed"] = vram.learn_from_oom(task, self.config.oom_growth, self.snapshots)
+        said = {"note": note} if note else {}
         if decision.action == "give_up":
             task.state = TaskState.FAILED
             entry["gave_up"] = True
-            log.error("task failed for good; its queue is blocked", uni_id=task.uni_id, error_type=error_type,
-                      node=node, note=note)
+            if permanent:
+                log.error(f"task failed for good at once: {error_type} would only repeat (--retry-permanent "
+                          "retries it); its queue is blocked", uni_id=task.uni_id, error_type=error_type, node=node,
+                          **said)
+            else:
+                log.error("task failed for good; its queue is blocked", uni_id=task.uni_id, error_type=error_type,
+                          node=node, attempts=decision.retry_count, **said)
         else:
             task.state, task.retry_at = TaskState.RETRY, decision.at
-            log.warning("task failed; will retry", uni_id=task.uni_id, error_type=error_type, node=node,
-                        retry_in_s=round(decision.at - now, 1), note=note)
+            log.warning("task failed; will retry" if decision.action == "retry" else "task failed; backing off",
+                        uni_id=task.uni_id, error_type=error_type, node=node,
+                        retry_in_s=round(decision.at - now, 1), **said)
         self._append(entry)
 
     def _release(self, task: Task) -> None:
@@ -387,6 +407,11 @@ class Coordinator:
     def _plan_and_launch(self, now: float) -> None:
         cands = candidates(self.queues, now)
         if not cands or not self.node_snapshots:
+            self.waiting_why = {}
+            return
+        if set(self.node_snapshots) <= set(self.node_guards):
+            held = "; ".join(f"{n}: {g.get('why')}" for n, g in sorted(self.node_guards.items()))
+            self.waiting_why = {c.uni_id: f"host guard holds every node ({held})" for c in cands}
             return
         if any(vram.cap_need(self.tasks[c.uni_id], self.snapshots) for c in cands):
             cands = candidates(self.queues, now)  # with the needs brought down
@@ -395,11 +420,14 @@ class Coordinator:
         self.observer.planning(v.key for v in views if fits(v, smallest, self.config.exclusive))
         snaps = {s.key: s for s in self.snapshots}
         plan = plan_round(cands, views, self.rng, self.config.exclusive, self.config.pick)
+        placed = set()
         for launch in plan:
             nodes = {split_key(k)[0] for k in launch.gpus}
             if len(nodes) != 1:
                 continue  # a gpus=N task across nodes: not placed (it waits for N on one node)
             self._launch(self.tasks[launch.uni_id], nodes.pop(), [snaps[k] for k in launch.gpus], now)
+            placed.add(launch.uni_id)
+        self.waiting_why = explain_waits(cands, placed, self.snapshots, self.config.exclusive, self._told_too_large)
 
     def _views(self, now: float) -> list:
         placements = self.placements(now)
@@ -473,26 +501,45 @@ class Coordinator:
             self.reload_requested = True
 
     def run(self) -> int:
+        was_draining = False
         with WakeLoop(self.on_signal, self.clock):
             while True:
                 self.tick(self.config.poll)
+                if self.draining and not self.force and not was_draining:
+                    was_draining = True
+                    log.warning("draining: nothing new starts; waiting for running tasks (signal again or "
+                                "`gpu-compete stop --kill` to end them)",
+                                running=sum(t.state is TaskState.RUNNING for t in self.tasks.values()))
                 if self.status_requested or (self.config.status_every > 0 and self.clock() >= self.next_status):
                     self.status_requested = False
                     self.next_status = self.clock() + self.config.status_every
                     self.out(status.render(self.view()))
                 if self.force:
-                    running = [u for u, t in self.tasks.items() if t.state is TaskState.RUNNING]
-                    for node in {self.where[u] for u in running if u in self.where}:
-                        try:
-                            self.agents.call(node, "kill", [u for u in running if self.where.get(u) == node],
-                                             timeout=self.config.kill_grace + self.node_timeout)
-                        except Exception as exc:  # noqa: BLE001
-                            log.error("cannot end tasks on node", node=node, error=str(exc))
-                    for uid in running:
-                        self.tasks[uid].state = TaskState.RETRY
+                    self.kill_all()
                     break
                 if self.finished():
                     break
         self._write_status(ending=self.exit_code())
         self.out(status.render(self.view()))
+        if self.exit_code() == EXIT_STOPPED:
+            log.warning("stopped before every task completed; run the same command again to resume "
+                        "(completed tasks are skipped, live ones adopted)")
         return self.exit_code()
+
+    def kill_all(self) -> None:
+        """`stop --kill`: each node ends its running tasks and records them as stopped, so a
+        restart runs them again without counting a failure."""
+        running = [u for u, t in self.tasks.items() if t.state is TaskState.RUNNING]
+        log.warning("ending running tasks", count=len(running))
+        for node in {self.where[u] for u in running if u in self.where}:
+            try:
+                self.agents.call(node, "kill", [u for u in running if self.where.get(u) == node], True,
+                                 timeout=self.config.kill_grace + 5 + self.node_timeout)
+            except Exception as exc:  # noqa: BLE001 - its fence ends them if the node is gone
+                log.error("cannot end tasks on node", node=node, error=str(exc))
+        for uid in running:
+            self._release(self.tasks[uid])
+            self.tasks[uid].state = TaskState.RETRY
+
+    def nothing_running(self) -> bool:
+        return not any(t.state is TaskState.RUNNING for t in self.tasks.values())

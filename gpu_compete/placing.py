@@ -182,26 +182,7 @@ class Placing:
         return True
 
     def _explain_waits(self, cands: list, launched: set[str]) -> None:
-        """Why each idle head did not start, for status; a head that fits no GPU in scope at
-        all (too large, or more GPUs than there are) is said once in the log, not every round."""
-        totals = [s.total_bytes for s in self.snapshots if s.available]
-        why = {}
-        for cand in cands:
-            if cand.uni_id in launched:
-                continue
-            need = _gb(cand.vram_bytes)
-            never = why_unplaceable(cand.vram_bytes, cand.gpus, totals) if totals else None
-            if never:
-                why[cand.uni_id] = never
-                if cand.uni_id not in self._told_too_large:
-                    self._told_too_large.add(cand.uni_id)
-                    log.error("task fits no GPU in scope; it waits until one does (edit its VRAM, gpus= or --gpus)",
-                              uni_id=cand.uni_id, why=never)
-            else:
-                mode = "free and none of your processes" if self.config.exclusive else "free"
-                what = f"{cand.gpus} GPUs with {need} GB each" if cand.gpus > 1 else f"a GPU with {need} GB"
-                why[cand.uni_id] = f"waiting for {what} {mode}"
-        self.waiting_why = why
+        self.waiting_why = explain_waits(cands, launched, self.snapshots, self.config.exclusive, self._told_too_large)
 
     def _launch(self, task: Task, snaps: list[GpuSnapshot], now: float) -> None:
         attempt = task.retry_count + 1
@@ -246,6 +227,30 @@ class Placing:
                     if isinstance(data.get(uid), dict):
                         data[uid].update(fields)
             self.ledger.write(change)
+
+
+def explain_waits(cands: list, launched: set[str], snapshots: list[GpuSnapshot], exclusive: bool,
+              told: set[str]) -> dict[str, str]:
+    """Why each idle head did not start, for status; a head that fits no GPU in scope at
+    all (too large, or more GPUs than there are) is said once in the log, not every round."""
+    totals = [s.total_bytes for s in snapshots if s.available]
+    why = {}
+    for cand in cands:
+        if cand.uni_id in launched:
+            continue
+        need = _gb(cand.vram_bytes)
+        never = why_unplaceable(cand.vram_bytes, cand.gpus, totals) if totals else None
+        if never:
+            why[cand.uni_id] = never
+            if cand.uni_id not in told:
+                told.add(cand.uni_id)
+                log.error("task fits no GPU in scope; it waits until one does (edit its VRAM, gpus= or --gpus)",
+                          uni_id=cand.uni_id, why=never)
+        else:
+            mode = "free and none of your processes" if exclusive else "free"
+            what = f"{cand.gpus} GPUs with {need} GB each" if cand.gpus > 1 else f"a GPU with {need} GB"
+            why[cand.uni_id] = f"waiting for {what} {mode}"
+    return why
 
 
 def _gb(size: int) -> str:

@@ -45,9 +45,9 @@ def _refuse_ray_run(state: Path, as_json: bool) -> None:
     except (OSError, ValueError, AttributeError):
         return
     if cluster is not None:
-        _error(f"the run on {state} is a --ray run: changing its queue while it runs (add, skip, retry, kill, "
-               "pause, resume, reload) is not supported with --ray yet; edit the command file (it is followed), "
-               "or `gpu-compete stop` drains it", as_json)
+        _error(f"the run on {state} is a --ray run: skip, unskip, retry, kill, pause, resume and reload are not "
+               "supported with --ray yet; `gpu-compete add` and edits of the command file work (it is followed), "
+               "and `gpu-compete stop` drains the run", as_json)
 
 
 def _ask(state_dir: str, payload: dict[str, Any], as_json: bool) -> None:
@@ -97,10 +97,7 @@ def register(main: click.Group) -> None:
         gpu-compete add --queue 1 --vram 20 -- python train.py --lr 1e-3 --run {uni_id}
         """
         from .appender import AddError, append, block_text
-        from .pidfile import running_daemon
 
-        if running_daemon(Path(state_dir)) is not None:
-            _refuse_ray_run(Path(state_dir), as_json)
         if commands_file is None:
             try:
                 status = json.loads((Path(state_dir) / "status.json").read_text())

@@ -294,17 +294,17 @@ def test_a_dead_coordinator_leaves_its_tasks_running_past_the_fence_and_the_next
     """After kill -9 of the coordinator its agents stop hearing from it, but Ray reports its lease
     actor dead: proof that nobody runs their tasks elsewhere, so the heartbeat goes on and the
     tasks run past --node-timeout; a coordinator started much later adopts them."""
-    run = ClusterRun(tmp_path, cluster.address, [("1", 14.0), ("2", 14.0)])
-    proc = run.start("--poll", "1", "--node-timeout", "2")
+    run = ClusterRun(tmp_path, cluster.address, [("1", 10.0), ("2", 10.0)])
+    proc = run.start("--poll", "0.5", "--node-timeout", "1")
     wait_for(lambda: len(run.running()) == 2, 30, "two tasks to start")
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
     silent = time.monotonic()
-    # Past the agents' contact window (poll + 2 s) and the fence (2 s) and its check (1 s).
-    time.sleep(max(0.0, 8.0 - (time.monotonic() - silent)))
+    # Past the agents' contact window (poll + 2 s), the fence (1 s) and its check (1 s).
+    time.sleep(max(0.0, 5.5 - (time.monotonic() - silent)))
     logs = "".join(p.read_text() for p in run.state.glob("nodes/*/logs/*.log"))
     assert "fence:" not in logs, logs[-2000:]
-    run.start("--poll", "1", "--node-timeout", "2")
+    run.start("--poll", "0.5", "--node-timeout", "1")
     code, err = run.wait()
     assert code == 0, err[-3000:]
     assert err.count("adopted running task") == 2

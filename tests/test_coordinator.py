@@ -313,3 +313,38 @@ def test_a_round_stuck_on_a_cut_off_node_does_not_fence_the_other_nodes_tasks(tm
     attempts = run.attempts()
     assert sorted(a.uni_id.rsplit("-", 1)[-1] for a in attempts) == sorted(["long", *(f"s{i}" for i in range(6))])
     assert all(a.status == 0 for a in attempts)
+
+
+def test_stop_kill_records_stopped_so_a_restart_runs_the_task_again_without_counting_a_failure(tmp_path, stop_all):
+    """As on one machine: `stop --kill` ends the running task on its node and records it as
+    stopped; the next coordinator finds it so, and runs it again as a first attempt, so a
+    task allowed no retries is not failed for good."""
+    run = Run(tmp_path, [("1", 3.0)], ["n1"])
+    text = "bash {work_dir}/task.sh {uni_id} 3.0\n1,8,retries=0\n"
+    run.specs = parse(text).tasks
+    run.coordinator = run.new_coordinator()
+    stop_all(run)
+    uid = run.specs[0].uni_id
+    run.rounds(until=lambda: uid in run.coordinator.where)
+    wait_for(lambda: run.attempts(), 20, "the task to start")
+    run.coordinator.kill_all()
+    record = json.loads((node_dir(tmp_path / "state", "n1") / "uni_id.json").read_text())[uid]
+    assert (record["state"], record["error_type"]) == ("abnormal_exit", "stopped")
+    run.coordinator = run.new_coordinator()  # the same command again
+    run.rounds()
+    assert [h["state"] for h in run.history()] == ["stopped", "normal_exit"]
+    assert run.history()[-1]["attempt"] == 1
+    assert [a.status for a in run.attempts()] == [None, 0]
+    assert run.coordinator.exit_code() == 0
+
+
+def test_why_a_head_waits_when_every_node_is_held_by_its_host_guard(tmp_path, stop_all):
+    run = Run(tmp_path, [("1", 0.2)], ["n1"])
+    run.agents = LocalAgents(lambda node: Agent(node, str(tmp_path / "state"), str(tmp_path), simulate="1x24",
+                                                kill_grace=1, min_free_disk=1e9), ["n1"])
+    run.coordinator = run.new_coordinator()
+    stop_all(run)
+    c = run.coordinator
+    run.rounds(until=lambda: c.waiting_why)
+    (why,) = c.waiting_why.values()
+    assert why.startswith("host guard holds every node (n1: free disk") and not run.attempts()
