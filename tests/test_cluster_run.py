@@ -160,6 +160,7 @@ def test_kill_9_of_the_coordinator_then_the_same_command_adopts_and_runs_nothing
     assert_queue_order(attempts, run.queues)
 
 
+@pytest.mark.slow  # the coordinator's side is tested quickly without Ray (test_coordinator.py)
 def test_an_agent_killed_mid_run_is_replaced_and_its_task_adopted(tmp_path, cluster):
     run = ClusterRun(tmp_path, cluster.address, [("1", 3.0), ("2", 3.0)])
     run.start()
@@ -199,6 +200,7 @@ def test_a_node_that_joins_mid_run_is_used(tmp_path, cluster):
     assert_exclusive(run.attempts())
 
 
+@pytest.mark.slow  # its decisions are tested quickly without Ray (test_coordinator.py)
 def test_a_node_that_leaves_has_its_task_ended_there_then_run_elsewhere_never_two_at_once(tmp_path, cluster):
     """The node's Ray processes die (the machine lives on, as here): its supervisors end their
     task once the node's agent has been silent for --node-timeout (the fence), and only after
@@ -290,6 +292,7 @@ def test_a_node_that_comes_back_within_the_timeout_keeps_its_task_nothing_lost(t
     assert [(h["state"], h["node"]) for h in run.history() if h["uni_id"] == victim] == [("normal_exit", "n3")]
 
 
+@pytest.mark.slow  # waits out the fence; the heartbeat's rule is tested quickly in test_agent.py
 def test_a_dead_coordinator_leaves_its_tasks_running_past_the_fence_and_the_next_adopts_them(tmp_path, cluster):
     """After kill -9 of the coordinator its agents stop hearing from it, but Ray reports its lease
     actor dead: proof that nobody runs their tasks elsewhere, so the heartbeat goes on and the
@@ -369,6 +372,7 @@ def test_dry_run_shows_every_node_and_leaves_nothing_behind(tmp_path, cluster):
     assert run.agents_named() == []
 
 
+@pytest.mark.slow  # following the file is tested quickly without Ray (test_coordinator.py)
 def test_a_block_added_to_the_command_file_mid_run_runs(tmp_path, cluster):
     """The command file is followed with --ray too: a block appended while the run goes on runs."""
     run = ClusterRun(tmp_path, cluster.address, [("1", 3.0)])

@@ -277,6 +277,7 @@ def test_the_command_file_is_followed_across_nodes_as_on_one_machine(tmp_path, s
     assert run.coordinator.finished()
 
 
+@pytest.mark.slow  # ten seconds of waiting on a silent node
 def test_a_round_stuck_on_a_cut_off_node_does_not_fence_the_other_nodes_tasks(tmp_path, stop_all):
     """Six launches to a node that no longer answers take a second each; meanwhile the other
     node's agent keeps hearing from the coordinator, so its running task is not fenced (it
