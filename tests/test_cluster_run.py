@@ -187,7 +187,8 @@ def test_an_agent_killed_mid_run_is_replaced_and_its_task_adopted(tmp_path, clus
 
 @pytest.mark.slow  # the coordinator's side of a join is tested quickly without Ray (test_coordinator.py)
 def test_a_node_that_joins_mid_run_is_used(tmp_path, cluster):
-    run = ClusterRun(tmp_path, cluster.address, [(str(q), 2.5) for q in range(6)])
+    # Four waves of 4 s on the two nodes there are: time for a node to join on a busy machine.
+    run = ClusterRun(tmp_path, cluster.address, [(str(q), 4.0) for q in range(8)])
     run.start()
     wait_for(lambda: run.running(), 30, "a task to run")
     cluster.add("n2")
