@@ -265,9 +265,8 @@ class Agent:
 
         def change(data: dict[str, Any]) -> None:
             for uid in uni_ids:
-                record = data.get(uid)
-                if isinstance(record, dict) and record.get("state") != "normal_exit":
-                    record.update(state="abnormal_exit", error_type="stopped", updated_at=iso(time.time()))
+                if isinstance(data.get(uid), dict):
+                    stopping.mark_stopped(data, uid, updated_at=iso(time.time()))
 
         try:
             self.registry.update(change)

@@ -205,14 +205,11 @@ class Coordinator:
         specs = self.book.check(force=force)
         if specs is None:
             return
-        self.queues, self.tasks, change = rebuild(
-            self.queues, self.tasks, specs, self.config.history, self.config.fresh,
-            lambda: journal.completed(journal.entries(self.config.history)))
-        self.removed = (self.removed | set(change.removed_running)) - {s.uni_id for s in specs}
+        self.queues, self.tasks, change = rebuild(self.queues, self.tasks, specs, self.config.history,
+                                                  self.config.fresh, lambda: journal.completed(self.config.history),
+                                                  self.removed)
         if not change.empty:
             self.last_reload = change.summary()
-            log.info("command file reloaded", added=len(change.added), dropped=len(change.removed_pending),
-                     running_out=len(change.removed_running), unchanged=len(change.unchanged))
 
     def _keep_contact(self, slow: str) -> None:
         """After a slow call, a word to every other agent: its heartbeat goes on while it hears

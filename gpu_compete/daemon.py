@@ -39,7 +39,7 @@ from .hooks import Hooks
 from .ledger import Ledger
 from .observe import Observer
 from .outcomes import Outcomes
-from .placing import Placing, descends
+from .placing import Placing
 from .policy import (
     RetryPolicy,
     build_views,
@@ -52,7 +52,6 @@ from .registry import RegistryError, private_dirs
 from .steering import Steering
 from .tasks import Queue, Task, TaskSpec, TaskState, group_queues
 from .timefmt import iso as _iso
-from .vram import VramWatch
 from .wakeloop import WakeLoop, set_flags
 
 log = structlog.get_logger("gpu_compete")
@@ -126,7 +125,7 @@ class Daemon(Reconciling, Outcomes, Placing):
         self.waiting_why: dict[str, str] = {}  # idle head -> why it did not start this round
         self.foreign_pids = False  # NVML's pids are another namespace's (a container)
         self._told_too_large: set[str] = set()
-        self.vram = VramWatch(descends, self.user)
+        self.vram = self.node.vram  # what each task's processes hold: sampled from the node's snapshot
         self.guard = hostguard.GuardWatch(config.guard, config.work_dir, lambda: _iso(self.wall()))
         self.draining = self.force = self.status_requested = self.status_owed = False
         self.next_status = 0.0
@@ -388,13 +387,8 @@ class Daemon(Reconciling, Outcomes, Placing):
         now_iso = _iso(self.wall())
 
         def change(data: dict[str, Any]) -> None:
-            for uid, task in stopped.items():
-                record = data.get(uid) if isinstance(data.get(uid), dict) else {}
-                if record.get("state") == "normal_exit":
-                    continue  # it finished in the grace period; collected on restart
-                record.update(state="abnormal_exit", error_type="stopped", retry_count=task.retry_count,
-                              retry_at=now_iso, updated_at=now_iso)
-                data[uid] = record
+            for uid, task in stopped.items():  # (one that finished in the grace period is collected on restart)
+                stopping.mark_stopped(data, uid, retry_count=task.retry_count, retry_at=now_iso, updated_at=now_iso)
 
         self.ledger.write(change)
         for task in running:

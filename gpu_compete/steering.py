@@ -48,10 +48,12 @@ def skipped_in_history(path: Any) -> set[str]:
 
 
 def rebuild(queues: dict[str, Queue], tasks: dict[str, Task], specs: list, history: Any, fresh: bool,
-            journaled: Callable[[], set[str]]) -> tuple[dict[str, Queue], dict[str, Task], Diff]:
+            journaled: Callable[[], set[str]], removed: set[str]) -> tuple[dict[str, Queue], dict[str, Task], Diff]:
     """The queues and tasks after a reload to `specs` (the rule is in the module's docstring),
-    and the diff. A task new to the run starts as the history says: completed (`journaled()`,
-    the uni_ids with a success line), skipped, or failed for good."""
+    and the diff; said in the log when it changes anything. A task new to the run starts as the
+    history says: completed (`journaled()`, the uni_ids with a success line), skipped, or failed
+    for good. `removed` (running tasks no longer in the file, dropped once they end) is updated
+    in place."""
     change = diff({u: t.state is TaskState.RUNNING for u, t in tasks.items()}, specs)
     new_ids = {s.uni_id for s in specs}
     done = journaled() if change.added and not fresh else set()
@@ -82,6 +84,11 @@ def rebuild(queues: dict[str, Queue], tasks: dict[str, Task], specs: list, histo
         if front or rest:
             new_queues[name] = Queue(front + rest)
             new_tasks.update((t.uni_id, t) for t in new_queues[name])
+    removed |= set(change.removed_running)
+    removed -= new_ids
+    if not change.empty:
+        log.info("command file reloaded", added=len(change.added), dropped=len(change.removed_pending),
+                 running_out=len(change.removed_running), unchanged=len(change.unchanged))
     return new_queues, new_tasks, change
 
 
@@ -221,14 +228,11 @@ class Steering(Orders):
     def apply(self, specs: list) -> Diff:
         d = self.d
         d.queues, d.tasks, change = rebuild(d.queues, d.tasks, specs, d.config.history, d.config.fresh,
-                                            lambda: d.ledger.journaled)
-        self.removed = (self.removed | set(change.removed_running)) - {s.uni_id for s in specs}
+                                            lambda: d.ledger.journaled, self.removed)
         for uid in change.removed_pending:
             self.killing.pop(uid, None)
         if not change.empty:
             self.last_reload = change.summary()
-            log.info("command file reloaded", added=len(change.added), dropped=len(change.removed_pending),
-                     running_out=len(change.removed_running), unchanged=len(change.unchanged))
         return change
 
     # --- status -----------------------------------------------------------------------------

@@ -54,3 +54,14 @@ def end_tasks(records: Iterable[dict[str, Any]], grace: float, reap: Callable[[]
     for record in records:
         procs.signal_group(record.get("supervisor_pid"), record.get("supervisor_create_time"), signal.SIGKILL)
         procs.signal_group(*worker_group(record), signal.SIGKILL)
+
+
+def mark_stopped(data: dict[str, Any], uni_id: str, **fields: Any) -> None:
+    """In a registry being changed: the task was ended on purpose (`stop --kill`), so its
+    record says `stopped` and a restart runs it again without counting a failure; unless it
+    finished in the grace period (its success stays)."""
+    record = data.get(uni_id) if isinstance(data.get(uni_id), dict) else {}
+    if record.get("state") == "normal_exit":
+        return
+    record.update(state="abnormal_exit", error_type="stopped", **fields)
+    data[uni_id] = record
