@@ -22,8 +22,9 @@ def write(path: Path, payload: bytes, durable: bool = True, before_replace: Call
     """Replace `path` with `payload` (mode 0600). `durable` fsyncs the data and the rename,
     for files whose loss matters (the registry); a status snapshot rewritten every round
     skips that cost. `sync_rename=False` keeps the data's fsync (after a power cut the file is
-    whole, old or new) but not the rename's: for a change whose loss is harmless. `before_replace` runs just before the rename and may raise to cancel it
-    (the temp file is removed)."""
+    whole, old or new) but not the rename's: for a change whose loss is harmless.
+    `before_replace` runs just before the rename and may raise to cancel it (the temp file is
+    removed)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
