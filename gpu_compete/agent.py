@@ -41,6 +41,14 @@ from .vram import VramWatch
 _POLL_S = 0.1
 
 
+def _record_row(record: dict[str, Any]) -> dict[str, Any]:
+    """What `gpu-compete status` shows of a task's registry record, with whether its pid is
+    alive here (only this node can tell)."""
+    return {"state": record.get("state"), "pid": record.get("pid"), "retry_count": record.get("retry_count"),
+            "error_type": record.get("error_type"), "gpu": record.get("gpu"), "retry_at": record.get("retry_at"),
+            "alive": procs.liveness(record.get("pid"), record.get("create_time"))}
+
+
 def node_dir(state_dir: str | os.PathLike[str], node: str) -> Path:
     return Path(state_dir) / "nodes" / node
 
@@ -205,6 +213,9 @@ class Agent:
             tasks = {uid: self._how(uid, records.get(uid), snapshots) for uid in {*expected, *self.children}}
             self._usage(tasks, records, snapshots)
             for uid, how in tasks.items():
+                if isinstance(records.get(uid), dict) and self.node is not None:
+                    how["record"] = _record_row(records[uid])
+            for uid, how in tasks.items():
                 if how["state"] == "ended" or how.get("gone"):
                     record = records.get(uid) if isinstance(records.get(uid), dict) else {}
                     for pid in self.gpu_pids.pop(uid, set()) | self._roots(uid, record):
@@ -218,7 +229,7 @@ class Agent:
         """What this node knows of these tasks, for a restarted coordinator: every one whose
         process lives here, or whose record says it runs or how it ended (a task may have ended
         while no coordinator watched; the coordinator takes the outcomes it has not taken yet).
-        {uid: {"gpu", "attempt", "state"}}."""
+        {uid: {"gpu", "attempt", "state", "error_type"}}."""
         self._contact()
         try:
             records = self.registry.read()
@@ -233,7 +244,7 @@ class Agent:
             if uid in live or known or evidence.supervisor_running(launcher.log_path(self.state, uid)):
                 record = record or {}
                 found[uid] = {"gpu": record.get("gpu", live.get(uid, {}).get("gpu")),
-                              "attempt": record.get("attempt"),
+                              "attempt": record.get("attempt"), "error_type": record.get("error_type"),
                               "state": "running" if uid in live else record.get("state", "running")}
         return found
 
@@ -254,6 +265,28 @@ class Agent:
             procs.kill_all(procs.processes_with_env(**{evidence.UNI_ID_ENV: uid, evidence.NAMESPACE_ENV: self.namespace}))
         if stopped:
             self._record_stopped(uni_ids, {uid: records.get(uid) or {} for uid in uni_ids})
+
+    def end(self, uni_ids: list[str]) -> None:
+        """`gpu-compete kill` on a --ray run: `kill(uni_ids, stopped=True)` in the background,
+        so this node's launches and answers go on through the grace period."""
+        self._contact()
+        threading.Thread(target=self.kill, args=(list(uni_ids), True), name="agent-end", daemon=True).start()
+
+    def retried(self, uni_ids: list[str]) -> None:
+        """`gpu-compete retry`: the ended records of these tasks forget their attempt, so a
+        restarted coordinator does not take again an outcome the retry has set aside."""
+        self._contact()
+
+        def change(data: dict[str, Any]) -> None:
+            for uid in uni_ids:
+                record = data.get(uid)
+                if isinstance(record, dict) and record.get("state") in ("normal_exit", "abnormal_exit"):
+                    record["attempt"] = 0
+
+        try:
+            self.registry.update(change)
+        except RegistryError:
+            pass  # a restarted coordinator may then count that ending once more
 
     def _record_stopped(self, uni_ids: list[str], records: dict[str, dict[str, Any]]) -> None:
         deadline = time.monotonic() + 5.0

@@ -333,13 +333,18 @@ def status(state_dir: str, registry_file: str | None, all_records: bool, as_json
     daemon = running_daemon(state)
     view["daemon_running"] = daemon is not None
     ours = view.get("task_ids")
-    if ours is not None and not all_records:
+    if view.get("cluster") is not None and registry_file is None and not records:
+        # A --ray run: each node keeps its registry; its records as their nodes last said
+        # (whether a pid is alive only its node can tell).
+        records = {r["uni_id"]: r for r in view.get("registry") or [] if isinstance(r, dict) and "uni_id" in r}
+        view["other_records"] = 0
+    elif ours is not None and not all_records:
         ours = set(ours)
         view["other_records"] = sum(1 for u in records if u not in ours)
-        records = {u: r for u, r in records.items() if u in ours}
+        view["registry"] = status_mod.records_view({u: r for u, r in records.items() if u in ours})
     else:
         view["other_records"] = 0
-    view["registry"] = status_mod.records_view(records)
+        view["registry"] = status_mod.records_view(records)
     view.pop("task_ids", None)
     if as_json:
         click.echo(json.dumps(view, indent=2))

@@ -10,6 +10,9 @@ Each agent always has one `observe` call in flight, which returns as soon as a t
 node ends (or says its processes are gone) or after `--poll` seconds: a GPU that frees on any
 node is planned for within milliseconds, and no node is asked more often than it has news.
 
+Between rounds it waits for its agents in slices of `WAIT_SLICE_S`, answering the control
+socket (`cluster_steering`) and seeing signals in between: Ray's wait ends for neither.
+
 Failures: an agent that dies while its node lives is started again at once and adopts its
 tasks (they run under their own supervisors, not under the agent). A node that leaves the
 cluster, or whose agent does not answer for `--node-timeout` seconds, has its running tasks
@@ -36,7 +39,7 @@ from .hooks import Hooks
 from .observe import Observer
 from .placing import explain_waits
 from .policy import Placement, build_views, candidates, fits, lease_active, plan_round
-from .steering import drop_ended, rebuild
+from .cluster_steering import ClusterSteering
 from .tasks import Queue, Task, TaskSpec, TaskState, group_queues
 from .timefmt import iso
 from .wakeloop import WakeLoop, set_flags
@@ -49,6 +52,9 @@ FENCE_MARGIN_S = 2.0
 #: coordinator (its observe calls come once per --poll at the least): past that, a node cut
 #: off from a live coordinator lets its tasks' fence run out (Agent.should_beat).
 CONTACT_SLACK_S = 2.0
+#: Seconds the coordinator waits for its agents at a stretch before it looks at the control
+#: socket and at signals (Ray's wait does not end for either).
+WAIT_SLICE_S = 0.1
 
 
 def contact_s(poll: float) -> float:
@@ -85,11 +91,11 @@ class Coordinator:
         self.node_guards: dict[str, dict[str, str]] = {}  # node whose host guard holds -> {why, since}
         self._told_too_large: set[str] = set()  # heads said (once) to fit no GPU of any node
         self.waiting_why: dict[str, str] = {}
-        self.draining = self.force = self.status_requested = self.reload_requested = False
+        self.records: dict[str, dict[str, Any]] = {}  # uid -> its registry record, as its node last said
+        self.draining = self.force = self.status_requested = False
         self.next_status = 0.0
-        self.book, self.follow = book, follow
-        self.removed: set[str] = set()  # running tasks no longer in the file: dropped when they end
-        self.last_reload: str | None = None
+        self.steer = ClusterSteering(self, book, follow)  # reloads and control requests
+        self.loop: WakeLoop | None = None
         hooks = Hooks(config.on_event, config.hook_timeout, config.state_dir / "hooks.log") if config.on_event else None
         self.observer = Observer(config.history, hooks, clock, wall)  # --on-event, and what status adds
 
@@ -105,16 +111,20 @@ class Coordinator:
         past = list(journal.entries(self.config.history)) if self.config.history.exists() else []
         done = set() if self.config.fresh else journal.completed(past)
         gave_up = {} if self.config.fresh else journal.failed_for_good(past)
-        for entry in past:
+        for entry in past if not self.config.fresh else ():
             task = self.tasks.get(entry.get("uni_id"))
-            if task is not None and entry.get("state") == "abnormal_exit" and not self.config.fresh:
+            if task is not None and entry.get("state") == "abnormal_exit":
                 task.retry_count = max(task.retry_count, int(entry.get("attempt") or 0))
                 vram.restore(task, {"vram_gb_needed": entry.get("vram_gb_needed")}, fresh=False)
+            elif task is not None and entry.get("state") == "retried":  # `retry`: a fresh budget
+                task.retry_count = 0
         for uid, task in self.tasks.items():
             if uid in done:
                 task.state = TaskState.COMPLETED
             elif uid in gave_up:
                 task.state, task.error_type = TaskState.FAILED, gave_up[uid].get("error_type")
+        self.steer.restore()  # skips
+        stops = {(e.get("uni_id"), e.get("attempt")) for e in past if e.get("state") == "stopped"}
         self.agents.refresh()
         open_ = [u for u, t in self.tasks.items() if t.state not in (TaskState.COMPLETED, TaskState.FAILED)]
         found = self.agents.call_all("find", open_, timeout=self.node_timeout)
@@ -126,8 +136,10 @@ class Coordinator:
                 continue
             for uid, info in result.items():
                 attempt = info.get("attempt") if isinstance(info.get("attempt"), int) else 0
-                if info.get("state") != "running" and attempt <= self.tasks[uid].retry_count:
-                    continue  # an ending the history already holds (a failure counted, a copy lost)
+                if info.get("state") != "running" and (
+                        attempt <= self.tasks[uid].retry_count or self.tasks[uid].state is TaskState.SKIPPED
+                        or (info.get("error_type") == "stopped" and (uid, attempt) in stops)):
+                    continue  # an ending the history already holds (a failure counted, a copy lost, a stop)
                 if uid not in best or attempt > best[uid][0]:
                     best[uid] = (attempt, node, info)
         # Running or ended unseen: adopted, and the node's next answer says which.
@@ -164,7 +176,7 @@ class Coordinator:
 
     def tick(self, wait_s: float) -> None:
         """Hear from the agents (waiting up to `wait_s` for news), then plan and launch."""
-        self._reload()
+        self.steer.before_round(self.clock())
         now = self.clock()
         for node in self.agents.refresh():
             self._joined(node)
@@ -172,9 +184,7 @@ class Coordinator:
             asked = self.inflight.pop(node, (None, now))[1]
             self._unreachable(node, "its node left the cluster", asked)
         self._ask_all()
-        if not self.inflight and wait_s > 0:
-            time.sleep(wait_s)  # no node to hear from: look for one again later
-        for node, result in self.agents.gather(self.inflight, wait_s):
+        for node, result in self._wait(wait_s):
             _, asked = self.inflight.pop(node)
             if isinstance(result, Exception):
                 self._agent_failed(node, result, asked)
@@ -192,24 +202,28 @@ class Coordinator:
             if now - since > self._patience():
                 del self.unreachable[node]
                 self._node_gone(node, f"not heard from for {now - since:.0f} s", now)
-        drop_ended(self.removed, self.tasks, self.queues)
+        self.steer.after_collect(now)
         if not self.draining and not self.force:
             self._plan_and_launch(now)
         self._write_status()
 
-    def _reload(self) -> None:
-        """The command file, if it changed (or SIGHUP asked): a diff by uni_id, as on one machine."""
-        if self.book is None:
-            return
-        force, self.reload_requested = self.reload_requested, False
-        specs = self.book.check(force=force)
-        if specs is None:
-            return
-        self.queues, self.tasks, change = rebuild(self.queues, self.tasks, specs, self.config.history,
-                                                  self.config.fresh, lambda: journal.completed(self.config.history),
-                                                  self.removed)
-        if not change.empty:
-            self.last_reload = change.summary()
+    def _wait(self, wait_s: float) -> list[tuple[str, Any]]:
+        """The agents' answers that come within `wait_s`: waited for in slices, between which
+        control requests are answered and signals seen; a request that changes what may
+        start (or a signal) ends the wait, so its round runs at once."""
+        deadline = self.clock() + wait_s
+        while True:
+            remaining = deadline - self.clock()
+            if self.inflight:
+                results = self.agents.gather(self.inflight, max(0.0, min(remaining, WAIT_SLICE_S)))
+                if results:
+                    return results
+            elif remaining > 0:
+                time.sleep(min(remaining, WAIT_SLICE_S))  # no node to hear from: look again later
+            if self.loop is not None and self.loop.serve():
+                return []
+            if self.clock() >= deadline:
+                return []
 
     def _keep_contact(self, slow: str) -> None:
         """After a slow call, a word to every other agent: its heartbeat goes on while it hears
@@ -233,6 +247,10 @@ class Coordinator:
         self.node_ghosts[node] = set(result.get("ghosts", ()))
         self._guard(node, result.get("guard"))
         for uid, how in result["tasks"].items():
+            if "record" in how and uid in self.tasks:
+                row = how["record"]
+                self.records[uid] = {**row, "node": node,
+                                     "gpu": f"{node}/{row['gpu']}" if row.get("gpu") is not None else None}
             task = self.tasks.get(uid)
             if task is None or self.where.get(uid) != node:
                 if how["state"] == "running" and uid in self.tasks:
@@ -245,7 +263,7 @@ class Coordinator:
                     self.gone.add(uid)
             elif how["state"] == "ended":
                 self._ended(task, node, how, now)
-            else:  # the node knows nothing of it: its agent never started it
+            elif not self.steer.stopped_on_purpose(task, now):  # the node knows nothing of it: never started
                 self._failed(task, node, "lost", now, note="its node has no trace of it")
 
     def _guard(self, node: str, guard: dict[str, str] | None) -> None:
@@ -332,14 +350,11 @@ class Coordinator:
     # --- outcomes ---------------------------------------------------------------------------
 
     def _ended(self, task: Task, node: str, how: dict[str, Any], now: float) -> None:
-        if how["outcome"] == "abnormal_exit" and how.get("error_type") == "stopped":
+        if how["outcome"] != "normal_exit" and self.steer.stopped_on_purpose(task, now):
+            pass  # ended by `gpu-compete kill`
+        elif how["outcome"] == "abnormal_exit" and how.get("error_type") == "stopped":
             # Ended by `stop --kill` (found so by a restarted coordinator): runs again, not a failure.
-            self._release(task)
-            task.state, task.retry_at, task.error_type = TaskState.RETRY, now, "stopped"
-            self._append({"uni_id": task.uni_id, "state": "stopped", "queue": task.spec.queue, "node": node,
-                          "gpu": task.gpu, "attempt": task.retry_count + 1, "by": "stop --kill"})
-            log.warning("task was stopped by stop --kill; it runs again, not counted as a failure",
-                        uni_id=task.uni_id, node=node)
+            self.stopped(task, node, now, by="stop --kill")
         elif how["outcome"] == "normal_exit":
             self._release(task)
             task.state, task.error_type = TaskState.COMPLETED, None
@@ -352,6 +367,19 @@ class Coordinator:
         else:
             self._failed(task, node, how.get("error_type") or "unknown", now, note=how.get("why"),
                          how=how)
+
+    def stopped(self, task: Task, node: str, now: float, *, by: str, skip: bool = False) -> None:
+        """Ended on purpose (`kill`, `stop --kill`): not a failure; it runs again at the next
+        round, or is skipped."""
+        self._release(task)
+        task.state, task.retry_at = (TaskState.SKIPPED, 0.0) if skip else (TaskState.RETRY, now)
+        task.error_type = "stopped"
+        self._append({"uni_id": task.uni_id, "state": "stopped", "queue": task.spec.queue, "node": node,
+                      "gpu": task.gpu, "attempt": task.retry_count + 1, "by": by})
+        if skip:
+            self._append({"uni_id": task.uni_id, "state": "skipped", "queue": task.spec.queue})
+        log.warning(f"task stopped by {by}; " + ("skipped" if skip else "it runs again, not counted as a failure"),
+                    uni_id=task.uni_id, node=node)
 
     def _failed(self, task: Task, node: str, error_type: str, now: float, note: str | None = None,
                 how: dict[str, Any] | None = None) -> None:
@@ -402,7 +430,7 @@ class Coordinator:
                 for key in t.gpu_keys]
 
     def _plan_and_launch(self, now: float) -> None:
-        cands = candidates(self.queues, now)
+        cands = self.steer.allowed(candidates(self.queues, now))
         if not cands or not self.node_snapshots:
             self.waiting_why = {}
             return
@@ -411,7 +439,7 @@ class Coordinator:
             self.waiting_why = {c.uni_id: f"host guard holds every node ({held})" for c in cands}
             return
         if any(vram.cap_need(self.tasks[c.uni_id], self.snapshots) for c in cands):
-            cands = candidates(self.queues, now)  # with the needs brought down
+            cands = self.steer.allowed(candidates(self.queues, now))  # with the needs brought down
         views = self._views(now)
         smallest = min(c.vram_bytes for c in cands)
         self.observer.planning(v.key for v in views if fits(v, smallest, self.config.exclusive))
@@ -471,9 +499,8 @@ class Coordinator:
         view = self.observer.annotate(status.build(scene, self.clock(), {}))
         view["cluster"] = {"nodes": sorted(self.agents.nodes), "unreachable": sorted(self.unreachable),
                            "host_guards": dict(sorted(self.node_guards.items()))}
-        view["steering"] = {"follow": self.follow, "commands_file": str(self.book.path) if self.book else None,
-                            "commands_error": self.book.error if self.book else None,
-                            "last_reload": self.last_reload, "running_out": sorted(self.removed)}
+        self.steer.view(view)
+        view["registry"] = [{"uni_id": u, **r} for u, r in sorted(self.records.items()) if u in self.tasks]
         return view
 
     def _write_status(self, ending: int | None = None) -> None:
@@ -487,7 +514,7 @@ class Coordinator:
     def finished(self) -> bool:
         if self.draining:
             return not any(t.state is TaskState.RUNNING for t in self.tasks.values())
-        return not self.follow and all_ended(self.queues)
+        return self.steer.finished_ok() and all_ended(self.queues)
 
     def exit_code(self) -> int:
         return exit_code(self.tasks, self.queues)
@@ -495,33 +522,41 @@ class Coordinator:
     def on_signal(self, signum: int) -> None:
         set_flags(self, signum)
         if signum == signal.SIGHUP:
-            self.reload_requested = True
+            self.steer.reload_requested = True
 
     def run(self) -> int:
-        was_draining = False
-        with WakeLoop(self.on_signal, self.clock):
-            while True:
-                self.tick(self.config.poll)
-                if self.draining and not self.force and not was_draining:
-                    was_draining = True
-                    log.warning("draining: nothing new starts; waiting for running tasks (signal again or "
-                                "`gpu-compete stop --kill` to end them)",
-                                running=sum(t.state is TaskState.RUNNING for t in self.tasks.values()))
-                if self.status_requested or (self.config.status_every > 0 and self.clock() >= self.next_status):
-                    self.status_requested = False
-                    self.next_status = self.clock() + self.config.status_every
-                    self.out(status.render(self.view()))
-                if self.force:
-                    self.kill_all()
-                    break
-                if self.finished():
-                    break
+        self.loop = WakeLoop(self.on_signal, self.clock)
+        with self.loop:
+            self.steer.open(self.loop)
+            try:
+                self._rounds()
+            finally:
+                self.steer.close()
         self._write_status(ending=self.exit_code())
         self.out(status.render(self.view()))
         if self.exit_code() == EXIT_STOPPED:
             log.warning("stopped before every task completed; run the same command again to resume "
                         "(completed tasks are skipped, live ones adopted)")
         return self.exit_code()
+
+    def _rounds(self) -> None:
+        was_draining = False
+        while True:
+            self.tick(self.config.poll)
+            if self.draining and not self.force and not was_draining:
+                was_draining = True
+                log.warning("draining: nothing new starts; waiting for running tasks (signal again or "
+                            "`gpu-compete stop --kill` to end them)",
+                            running=sum(t.state is TaskState.RUNNING for t in self.tasks.values()))
+            if self.status_requested or (self.config.status_every > 0 and self.clock() >= self.next_status):
+                self.status_requested = False
+                self.next_status = self.clock() + self.config.status_every
+                self.out(status.render(self.view()))
+            if self.force:
+                self.kill_all()
+                return
+            if self.finished():
+                return
 
     def kill_all(self) -> None:
         """`stop --kill`: each node ends its running tasks and records them as stopped, so a

@@ -2,18 +2,18 @@
 `reload`), each answered at once from the daemon's state: `{"ok": true, "message": ...}`, or a
 refusal with `code` 1 (not in a state where that makes sense) or 2 (a malformed request).
 
-A mixin of `steering.Steering`: it runs in the daemon's one thread, between rounds.
+A mixin of `steering.Steering`: it runs in the daemon's one thread, between rounds. What
+touches the machine is the host's (`_record`, a history line; `_reset_records`, the registry
+after a retry; `_end`, signalling a task): a daemon's own processes, or a node's agent in a
+`--ray` run (`cluster_steering`).
 """
 
 from __future__ import annotations
 
-import os
-import signal
 from typing import Any
 
 import structlog
 
-from . import procs, stopping
 from .tasks import Task, TaskState
 
 log = structlog.get_logger("gpu_compete")
@@ -53,7 +53,7 @@ class Orders:
             return _refuse(f"{task.uni_id} is {task.state.value}: only a pending, backing-off or failed task "
                            f"can be skipped{hint}")
         task.state = TaskState.SKIPPED
-        self.d.ledger.append({"uni_id": task.uni_id, "state": "skipped", "queue": task.spec.queue})
+        self._record({"uni_id": task.uni_id, "state": "skipped", "queue": task.spec.queue})
         return _ok(f"skipped {task.uni_id}; queue {task.spec.queue} goes on without it")
 
     def _op_unskip(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -64,7 +64,7 @@ class Orders:
             return _refuse(f"{task.uni_id} is {task.state.value}, not skipped")
         task.state, task.retry_at = TaskState.PENDING, 0.0
         self.d.queues[task.spec.queue].rewind()
-        self.d.ledger.append({"uni_id": task.uni_id, "state": "unskipped", "queue": task.spec.queue})
+        self._record({"uni_id": task.uni_id, "state": "unskipped", "queue": task.spec.queue})
         return _ok(f"{task.uni_id} will run again in its place in queue {task.spec.queue}")
 
     def _op_retry(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -76,16 +76,8 @@ class Orders:
                            "backing off can be retried")
         uid = task.uni_id
         task.state, task.retry_at, task.retry_count = TaskState.RETRY, self.d.clock(), 0
-
-        def change(data: dict[str, Any]) -> None:
-            record = data.get(uid)
-            if isinstance(record, dict):
-                for key in ("gave_up", "retry_at"):
-                    record.pop(key, None)
-                record["retry_count"] = 0
-
-        self.d.ledger.write(change)
-        self.d.ledger.append({"uni_id": uid, "state": "retried", "queue": task.spec.queue})
+        self._reset_records(uid)
+        self._record({"uni_id": uid, "state": "retried", "queue": task.spec.queue})
         return _ok(f"{uid} runs again at the next round, with a fresh retry budget")
 
     def _op_kill(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -95,22 +87,9 @@ class Orders:
         if task.state is not TaskState.RUNNING:
             return _refuse(f"{task.uni_id} is {task.state.value}, not running")
         skip = bool(req.get("skip"))
-        record = self.d.known.get(task.uni_id, {})
-        sup, sup_ct = record.get("supervisor_pid"), record.get("supervisor_create_time")
-        # Only a supervisor whose identity we recorded, or the worker group it leads.
-        child = self.d.children.get(task.uni_id)
-        if child is not None:
-            if child.poll() is not None:
-                return _refuse(f"{task.uni_id} has just ended; nothing to kill")
-            # Our own fork, not yet reaped: its pid cannot have been given to anyone else.
-            os.kill(child.pid, signal.SIGTERM)  # the supervisor forwards it to the task's group
-        elif procs.is_pid(sup) and procs.liveness(sup, sup_ct) == "alive":
-            try:
-                os.kill(sup, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        elif not procs.signal_group(*stopping.worker_group(record), signal.SIGTERM):
-            return _refuse(f"{task.uni_id}: no process of it whose identity can be verified; not signalling")
+        refusal = self._end(task)
+        if refusal:
+            return _refuse(refusal)
         self.killing[task.uni_id] = {"deadline": self.d.clock() + self.d.config.kill_grace, "skip": skip}
         then = "skipped" if skip else "it runs again at the next round"
         return _ok(f"sent SIGTERM to {task.uni_id} (SIGKILL after {self.d.config.kill_grace:g} s); {then}")

@@ -38,18 +38,6 @@ def _error(message: str, as_json: bool, code: int = USAGE) -> None:
     _say({"ok": False, "code": code, "message": message}, as_json)
 
 
-def _refuse_ray_run(state: Path, as_json: bool) -> None:
-    """A --ray run has no control socket yet (it follows its command file): say so."""
-    try:
-        cluster = json.loads((state / "status.json").read_text()).get("cluster")
-    except (OSError, ValueError, AttributeError):
-        return
-    if cluster is not None:
-        _error(f"the run on {state} is a --ray run: skip, unskip, retry, kill, pause, resume and reload are not "
-               "supported with --ray yet; `gpu-compete add` and edits of the command file work (it is followed), "
-               "and `gpu-compete stop` drains the run", as_json)
-
-
 def _ask(state_dir: str, payload: dict[str, Any], as_json: bool) -> None:
     from .control import ControlError, request
     from .pidfile import running_daemon
@@ -60,7 +48,6 @@ def _ask(state_dir: str, payload: dict[str, Any], as_json: bool) -> None:
     info = running_daemon(state)
     if info is None:
         _error(f"no gpu-compete daemon is running on {state_dir}", as_json)
-    _refuse_ray_run(state, as_json)
     try:
         answer = request(state, payload, info["pid"])
     except ControlError as exc:

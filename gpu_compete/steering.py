@@ -219,6 +219,47 @@ class Steering(Orders):
         log.warning("task stopped by request", uni_id=uid, skip=skip)
         return True
 
+    # --- what the requests do to this machine (`orders`) -------------------------------------
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        self.d.ledger.append(entry)
+
+    def _journaled(self) -> set[str]:
+        return self.d.ledger.journaled
+
+    def _reset_records(self, uid: str) -> None:
+        """After `retry`: the registry record forgets the give-up and the count."""
+
+        def change(data: dict[str, Any]) -> None:
+            record = data.get(uid)
+            if isinstance(record, dict):
+                for key in ("gave_up", "retry_at"):
+                    record.pop(key, None)
+                record["retry_count"] = 0
+
+        self.d.ledger.write(change)
+
+    def _end(self, task: Task) -> str | None:
+        """SIGTERM to a running task (its supervisor forwards it to the task's group); the
+        reason when nothing of it can be signalled safely."""
+        record = self.d.known.get(task.uni_id, {})
+        sup, sup_ct = record.get("supervisor_pid"), record.get("supervisor_create_time")
+        # Only a supervisor whose identity we recorded, or the worker group it leads.
+        child = self.d.children.get(task.uni_id)
+        if child is not None:
+            if child.poll() is not None:
+                return f"{task.uni_id} has just ended; nothing to kill"
+            # Our own fork, not yet reaped: its pid cannot have been given to anyone else.
+            os.kill(child.pid, signal.SIGTERM)
+        elif procs.is_pid(sup) and procs.liveness(sup, sup_ct) == "alive":
+            try:
+                os.kill(sup, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        elif not procs.signal_group(*stopping.worker_group(record), signal.SIGTERM):
+            return f"{task.uni_id}: no process of it whose identity can be verified; not signalling"
+        return None
+
     def finished_ok(self) -> bool:
         """With --follow the daemon waits for more work instead of exiting."""
         return not self.follow
@@ -228,7 +269,7 @@ class Steering(Orders):
     def apply(self, specs: list) -> Diff:
         d = self.d
         d.queues, d.tasks, change = rebuild(d.queues, d.tasks, specs, d.config.history, d.config.fresh,
-                                            lambda: d.ledger.journaled, self.removed)
+                                            self._journaled, self.removed)
         for uid in change.removed_pending:
             self.killing.pop(uid, None)
         if not change.empty:

@@ -79,22 +79,28 @@ class WakeLoop:
         wakes us; readers are served as they become ready, without ending the sleep early."""
         while True:
             remaining = deadline - self.clock()
-            if remaining <= 0:
+            if remaining <= 0 or self._serve(remaining):
                 return
-            try:
-                ready, _, _ = select.select([self._wake_r, *self._readers], [], [], remaining)
-            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
-                continue
-            woken = False
-            for fd in ready:
-                if fd == self._wake_r:
-                    woken = True
-                    try:
-                        while os.read(self._wake_r, 512):
-                            pass
-                    except BlockingIOError:
+
+    def serve(self) -> bool:
+        """Serve what is ready now, without waiting; True when a signal, a child's exit or a
+        reader asks for a round at once (for a loop that waits on something else, in slices)."""
+        return self._serve(0)
+
+    def _serve(self, timeout: float) -> bool:
+        try:
+            ready, _, _ = select.select([self._wake_r, *self._readers], [], [], timeout)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+            return False
+        woken = False
+        for fd in ready:
+            if fd == self._wake_r:
+                woken = True
+                try:
+                    while os.read(self._wake_r, 512):
                         pass
-                elif fd in self._readers and self._readers[fd]():
-                    woken = True
-            if woken:
-                return
+                except BlockingIOError:
+                    pass
+            elif fd in self._readers and self._readers[fd]():
+                woken = True
+        return woken

@@ -104,6 +104,9 @@ def test_queues_spread_over_two_nodes_in_order_and_each_task_runs_once(tmp_path,
     assert len(done) == 5 and {h["node"] for h in done} == {"n1", "n2"}
     assert all(h["gpu"].startswith(h["node"] + "/") for h in done)
     assert run.coordinator.exit_code() == 0
+    rows = run.coordinator.view()["registry"]  # what `status` shows of the nodes' registries
+    assert len(rows) == 5 and {r["state"] for r in rows} == {"normal_exit"}
+    assert all(r["gpu"] == f"{r['node']}/0" and r["alive"] != "alive" for r in rows)
 
 
 def test_a_node_that_leaves_has_its_tasks_run_elsewhere_and_a_copy_that_comes_back_is_ended(tmp_path, stop_all):
@@ -351,3 +354,93 @@ def test_why_a_head_waits_when_every_node_is_held_by_its_host_guard(tmp_path, st
     run.rounds(until=lambda: c.waiting_why)
     (why,) = c.waiting_why.values()
     assert why.startswith("host guard holds every node (n1: free disk") and not run.attempts()
+
+
+def test_kill_on_a_cluster_run_ends_the_task_on_its_node_and_runs_it_again_without_counting_a_failure(
+        tmp_path, stop_all):
+    """`gpu-compete kill`: the node's agent ends the task in the background, its record says
+    stopped, and the coordinator runs it again as the same attempt; `--skip` skips it instead,
+    and a restart keeps it skipped."""
+    run = Run(tmp_path, [("1", 30.0), ("2", 30.0)], ["n1", "n2"])
+    text = "bash {work_dir}/task.sh {uni_id} 30\n1,8,retries=0\n\nbash {work_dir}/task.sh {uni_id} 30\n2,8\n"
+    run.specs = parse(text).tasks
+    run.coordinator = c = run.new_coordinator()
+    stop_all(run)
+    again, skipped = (s.uni_id for s in run.specs)
+    run.rounds(until=lambda: again in c.where and skipped in c.where)
+    wait_for(lambda: len(run.attempts()) == 2, 20, "both tasks to start")
+    first = c.where[again]
+    assert c.steer.handle({"op": "kill", "uni_id": again})["ok"]
+    assert c.steer.handle({"op": "kill", "uni_id": skipped, "skip": True})["ok"]
+    assert not c.steer.handle({"op": "kill", "uni_id": "q9-nothing"})["ok"]
+    run.rounds(until=lambda: c.tasks[skipped].state is TaskState.SKIPPED and c.tasks[again].launched_at
+               and len(run.attempts()) == 3, timeout=30)
+    assert c.tasks[again].retry_count == 0 and c.tasks[again].state is TaskState.RUNNING
+    stopped = [h for h in run.history() if h["state"] == "stopped"]
+    assert sorted((h["uni_id"], h["by"], h["attempt"]) for h in stopped) == sorted([(again, "kill", 1),
+                                                                                   (skipped, "kill", 1)])
+    record = json.loads((node_dir(tmp_path / "state", first) / "uni_id.json").read_text()).get(again)
+    assert record is None or record["state"] == "running" or record["error_type"] == "stopped"
+    c.kill_all()
+    run.coordinator = c = run.new_coordinator()  # a restart: the skip holds, the other runs again
+    assert c.tasks[skipped].state is TaskState.SKIPPED
+
+
+def test_retry_pause_and_skip_on_a_cluster_run_survive_a_restart(tmp_path, stop_all):
+    """`retry` gives a task that failed for good a fresh budget (also after a restart: the
+    node's old record is not taken as a new failure); `pause` keeps a queue's head from
+    starting; `skip` is a history line a restart keeps."""
+    run = Run(tmp_path, [("1", 0.1)], ["n1"])
+    text = ("bash -c 'exit 3' # {uni_id}\n1,8,retries=0\n\n"
+            "bash {work_dir}/task.sh {uni_id} 0.1\n2,8\n\nbash {work_dir}/task.sh {uni_id} 0.1\n3,8\n")
+    run.specs = parse(text).tasks
+    run.coordinator = c = run.new_coordinator()
+    stop_all(run)
+    bad, paused, skip = (s.uni_id for s in run.specs)
+    assert c.steer.handle({"op": "pause", "queues": ["2"]})["ok"]
+    assert c.steer.handle({"op": "skip", "uni_id": skip})["ok"]
+    run.rounds(until=lambda: c.tasks[bad].state is TaskState.FAILED)
+    assert c.tasks[paused].state is TaskState.PENDING and c.tasks[skip].state is TaskState.SKIPPED
+    assert c.view()["steering"]["paused"] == ["2"]
+    assert c.steer.handle({"op": "retry", "uni_id": bad})["ok"]
+    assert c.tasks[bad].retry_count == 0 and c.tasks[bad].state is TaskState.RETRY
+    wait_for(lambda: json.loads((node_dir(tmp_path / "state", "n1") / "uni_id.json").read_text())[bad]["attempt"]
+             == 0, 10, "the node's record to forget the attempt")
+    run.coordinator = c = run.new_coordinator()  # a restart before the retry ran
+    assert c.tasks[bad].state is TaskState.PENDING and c.tasks[bad].retry_count == 0
+    assert c.tasks[skip].state is TaskState.SKIPPED and bad not in c.where
+    run.rounds(until=lambda: c.tasks[bad].state is TaskState.FAILED and c.tasks[paused].state is TaskState.COMPLETED)
+    failures = [h for h in run.history() if h["uni_id"] == bad and h["state"] == "abnormal_exit"]
+    assert [h["attempt"] for h in failures] == [1, 1]  # one failure before the retry, one after
+    assert c.exit_code() == 1
+
+
+def test_the_control_socket_answers_while_the_coordinator_waits_for_its_agents(tmp_path, stop_all):
+    """A request is answered between the slices of the coordinator's wait for news (Ray's
+    wait ends for neither requests nor signals), and the round it asks for runs at once."""
+    import threading
+
+    from gpu_compete import control
+    from gpu_compete.wakeloop import WakeLoop
+
+    run = Run(tmp_path, [("1", 30.0), ("1", 0.1)], ["n1"])
+    run.coordinator = c = run.new_coordinator()
+    stop_all(run)
+    first = run.specs[0].uni_id
+    answers = []
+    c.loop = WakeLoop(c.on_signal, c.clock)
+    with c.loop:
+        c.steer.open(c.loop)
+        try:
+            run.rounds(until=lambda: first in c.where)
+            asker = threading.Thread(target=lambda: answers.append(
+                control.request(tmp_path / "state", {"op": "kill", "uni_id": first}, None, timeout=10)))
+            asker.start()
+            start = time.monotonic()
+            c.tick(30.0)  # would wait 30 s for news: the request ends the wait
+            assert time.monotonic() - start < 5
+            asker.join(10)
+        finally:
+            c.steer.close()
+    assert answers and answers[0]["ok"], answers
+    assert first in c.steer.killing
