@@ -237,10 +237,13 @@ class Coordinator:
                     pass
 
     def _ask_all(self) -> None:
+        """One observe call in flight per node; a node not heard from yet (new, or back) is
+        asked not to wait, so its GPUs are planned for at once, not a --poll later."""
         for node in self.agents.nodes:
             if node not in self.inflight:
                 expected = [u for u, n in self.where.items() if n == node]
-                self.inflight[node] = (self.agents.submit(node, "observe", expected, self.config.poll), self.clock())
+                wait = self.config.poll if node in self.node_snapshots else 0.0
+                self.inflight[node] = (self.agents.submit(node, "observe", expected, wait), self.clock())
 
     def _heard(self, node: str, result: dict[str, Any], now: float) -> None:
         self.node_snapshots[node] = result["snapshots"]
@@ -511,6 +514,10 @@ class Coordinator:
         except OSError as exc:
             log.warning("cannot write status.json", error=str(exc))
 
+    def _heard_from_all(self) -> bool:
+        """Every node has answered once, or is known not to: the first status shows them all."""
+        return all(n in self.node_snapshots or n in self.unreachable for n in self.agents.nodes)
+
     def finished(self) -> bool:
         if self.draining:
             return not any(t.state is TaskState.RUNNING for t in self.tasks.values())
@@ -548,7 +555,8 @@ class Coordinator:
                 log.warning("draining: nothing new starts; waiting for running tasks (signal again or "
                             "`gpu-compete stop --kill` to end them)",
                             running=sum(t.state is TaskState.RUNNING for t in self.tasks.values()))
-            if self.status_requested or (self.config.status_every > 0 and self.clock() >= self.next_status):
+            if self.status_requested or (self.config.status_every > 0 and self.clock() >= self.next_status
+                                         and self._heard_from_all()):
                 self.status_requested = False
                 self.next_status = self.clock() + self.config.status_every
                 self.out(status.render(self.view()))

@@ -444,3 +444,18 @@ def test_the_control_socket_answers_while_the_coordinator_waits_for_its_agents(t
             c.steer.close()
     assert answers and answers[0]["ok"], answers
     assert first in c.steer.killing
+
+
+def test_a_node_not_heard_from_yet_is_asked_not_to_wait_so_the_first_tasks_start_at_once(tmp_path, stop_all):
+    """An agent's observe waits up to --poll for news; the first one of a node must not, or
+    a run (and a node that joins) would leave its GPUs idle for a whole --poll."""
+    run = Run(tmp_path, [("1", 0.1)], ["n1"])
+    run.config.poll = 30.0
+    run.coordinator = c = run.new_coordinator()
+    stop_all(run)
+    start = time.monotonic()
+    run.rounds(until=lambda: c.where, timeout=20)
+    assert time.monotonic() - start < 10
+    run.agents.add("n2")
+    run.rounds(until=lambda: "n2" in c.node_snapshots, timeout=20)
+    assert time.monotonic() - start < 20
