@@ -379,8 +379,12 @@ def test_kill_on_a_cluster_run_ends_the_task_on_its_node_and_runs_it_again_witho
     stopped = [h for h in run.history() if h["state"] == "stopped"]
     assert sorted((h["uni_id"], h["by"], h["attempt"]) for h in stopped) == sorted([(again, "kill", 1),
                                                                                    (skipped, "kill", 1)])
-    record = json.loads((node_dir(tmp_path / "state", first) / "uni_id.json").read_text()).get(again)
-    assert record is None or record["state"] == "running" or record["error_type"] == "stopped"
+
+    def marked() -> bool:  # the node's record says so once the supervisor has written its own end
+        record = json.loads((node_dir(tmp_path / "state", first) / "uni_id.json").read_text()).get(again)
+        return record is None or record["state"] == "running" or record["error_type"] == "stopped"
+
+    wait_for(marked, 10, "the node to record the kill as a stop")
     c.kill_all()
     run.coordinator = c = run.new_coordinator()  # a restart: the skip holds, the other runs again
     assert c.tasks[skipped].state is TaskState.SKIPPED
@@ -424,6 +428,7 @@ def test_the_control_socket_answers_while_the_coordinator_waits_for_its_agents(t
     from gpu_compete.wakeloop import WakeLoop
 
     run = Run(tmp_path, [("1", 30.0), ("1", 0.1)], ["n1"])
+    run.config.poll = 30.0  # the agent's answer comes when its task ends, or in 30 s
     run.coordinator = c = run.new_coordinator()
     stop_all(run)
     first = run.specs[0].uni_id
@@ -437,7 +442,8 @@ def test_the_control_socket_answers_while_the_coordinator_waits_for_its_agents(t
                 control.request(tmp_path / "state", {"op": "kill", "uni_id": first}, None, timeout=10)))
             asker.start()
             start = time.monotonic()
-            c.tick(30.0)  # would wait 30 s for news: the request ends the wait
+            while asker.is_alive() and time.monotonic() - start < 10:
+                c.tick(30.0)  # each would wait 30 s for news: the request is served meanwhile
             assert time.monotonic() - start < 5
             asker.join(10)
         finally:
