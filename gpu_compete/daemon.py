@@ -174,10 +174,6 @@ class Daemon(Reconciling, Outcomes, Placing):
             pidfile.release(self._pidfile_fd)
             self._pidfile_fd = None
 
-
-
-
-
     # --- one round -------------------------------------------------------------------------
 
     def tick(self) -> None:
@@ -255,23 +251,7 @@ class Daemon(Reconciling, Outcomes, Placing):
             log.warning("registry records vanished; writing them back", uni_ids=sorted(missing))
             self.ledger.write(lambda data: [data.setdefault(u, r) for u, r in missing.items()])
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
     # --- what tasks use ---------------------------------------------------------------------
-
 
     # --- status ----------------------------------------------------------------------------
 
