@@ -158,3 +158,25 @@ def test_a_child_with_its_own_vram_replaces_its_parents_claim(children):
     wait_for(lambda: kid in pids_on(probe, 0), 10, "the child on GPU 0")
     listed = {p.pid: p.used_bytes for p in probe.snapshot()[0].processes}
     assert listed[kid] == 9 * GIB and shell.pid not in listed
+
+
+def test_a_claim_seen_before_exec_is_read_again_after_it(children):
+    """A process between fork and exec still shows its parent's environment (under load that
+    moment can last): what it claims then is not remembered, so once it has exec'd with a
+    GPU_COMPETE_VRAM_GB of its own, that is what it holds."""
+    probe = SimulatedProbe(parse_spec("1x24"))
+    gate = "import os, sys, time\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.01)\n" \
+           "os.execvpe('sleep', ['sleep', '60'], dict(os.environ, GPU_COMPETE_VRAM_GB='9'))"
+    go = f"/tmp/gc-exec-gate-{os.getpid()}"
+    proc = subprocess.Popen([sys.executable, "-c", gate, go], start_new_session=True,
+                            env=dict(os.environ, CUDA_VISIBLE_DEVICES="0", GPU_COMPETE_VRAM_GB="2"))
+    children.append(proc)
+    try:
+        wait_for(lambda: {p.pid: p.used_bytes for p in probe.snapshot()[0].processes}.get(proc.pid) == 2 * GIB, 10,
+                 "the process, not yet exec'd, with its parent's claim")
+        open(go, "w").close()
+        wait_for(lambda: {p.pid: p.used_bytes for p in probe.snapshot()[0].processes}.get(proc.pid) == 9 * GIB, 10,
+                 "its own claim once it has exec'd")
+    finally:
+        if os.path.exists(go):
+            os.unlink(go)

@@ -43,7 +43,8 @@ VRAM_ENV = "GPU_COMPETE_VRAM_GB"
 # one count everywhere.
 NAMESPACE_ENV = "GPU_COMPETE_NAMESPACE"
 # A process younger than this may be between fork and exec, still showing its parent's
-# environment: its claim is read again next time rather than remembered.
+# environment (none, or its parent's claim): its claim is read again next time rather than
+# remembered.
 _EXEC_GRACE_S = 1.0
 _SHORT_SPEC = re.compile(r"^(?P<n>\d+)x(?P<gb>\d+(?:\.\d+)?)(?:,delay=(?P<delay>\d+(?:\.\d+)?))?"
                          r"(?:,linger=(?P<linger>\d+(?:\.\d+)?))?$")
@@ -172,14 +173,16 @@ class SimulatedProbe:
                 continue
             key = (pid, start)
             alive.add(key)
-            if key not in self._seen:
+            if key in self._seen:
+                claim = self._seen[key]
+            else:
                 claim, created = _claim_pid(pid, uid, self.namespace)
-                if claim is None and created is not None and now - created < _EXEC_GRACE_S:
-                    continue  # maybe forked and not yet exec'd (its parent's environment): look again
-                self._seen[key] = claim
-                if claim is None:
-                    self._ignored.add(pid)
-            claim = self._seen[key]
+                # A young process may be between fork and exec, showing its parent's
+                # environment (no claim, or the parent's): used now, read again next time.
+                if created is None or now - created >= _EXEC_GRACE_S:
+                    self._seen[key] = claim
+                    if claim is None:
+                        self._ignored.add(pid)
             if claim is None:
                 continue
             gpus, used, created = claim
