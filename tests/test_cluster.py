@@ -20,6 +20,9 @@ from gpu_compete.cluster import Agents, ClusterError, NodeGone, NodeTimeout, nam
 from .helpers import wait_for
 from .ray_harness import ray_cluster  # noqa: F401 - a fixture
 
+# One local Ray cluster at a time: with pytest-xdist these tests all run on one worker.
+pytestmark = pytest.mark.xdist_group("ray")
+
 ECHO = "tests.cluster_fixture_agent:EchoAgent"
 
 

@@ -18,6 +18,9 @@ import pytest
 from .daemon_harness import Attempt, assert_each_succeeded_once, read_attempts, assert_exclusive, assert_queue_order
 from .helpers import console_script, wait_for
 
+# One local Ray cluster at a time: with pytest-xdist these tests all run on one worker.
+pytestmark = pytest.mark.xdist_group("ray")
+
 pytest.importorskip("ray")
 
 TASK_SH = r"""#!/bin/bash

@@ -17,8 +17,13 @@ from gpu_compete.tasks import GIB
 from .helpers import wait_for
 
 
+# The processes these tests start carry a namespace of their own, and their probes look only
+# at it: tests that run meanwhile (pytest-xdist) neither see them nor are seen.
+NS = f"test-simulated-{os.getpid()}"
+
+
 def spawn(gpu: int, vram: str = "5", script: str = "import time; time.sleep(60)") -> subprocess.Popen:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), GPU_COMPETE_VRAM_GB=vram)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), GPU_COMPETE_VRAM_GB=vram, GPU_COMPETE_NAMESPACE=NS)
     return subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True)
 
 
@@ -56,7 +61,7 @@ def test_bad_specs_are_refused_with_a_message(bad):
 
 def test_a_task_process_shows_up_after_the_startup_delay_and_goes_away_when_it_ends(children):
     """A process carrying the GPU variables appears only once it has lived the delay, then leaves."""
-    probe = SimulatedProbe(parse_spec("2x24,delay=1"))
+    probe = SimulatedProbe(parse_spec("2x24,delay=1"), namespace=NS)
     child = spawn(1, "5")
     children.append(child)
     assert child.pid not in pids_on(probe, 1)  # younger than the delay: a CUDA context isn't up yet
@@ -131,9 +136,9 @@ def test_scope_follows_gpus_option_and_cuda_visible_devices():
 
 def test_a_comma_list_holds_the_vram_on_each_listed_gpu(children):
     """CUDA_VISIBLE_DEVICES=1,2 (a gpus=2 task) uses its GPU_COMPETE_VRAM_GB on each of GPUs 1 and 2."""
-    probe = SimulatedProbe(parse_spec("3x24"))
+    probe = SimulatedProbe(parse_spec("3x24"), namespace=NS)
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                            env=dict(os.environ, CUDA_VISIBLE_DEVICES="1,2", GPU_COMPETE_VRAM_GB="5"),
+                            env=dict(os.environ, CUDA_VISIBLE_DEVICES="1,2", GPU_COMPETE_VRAM_GB="5", GPU_COMPETE_NAMESPACE=NS),
                             start_new_session=True)
     children.append(proc)
     wait_for(lambda: proc.pid in pids_on(probe, 1) and proc.pid in pids_on(probe, 2), 10, "the process on GPUs 1, 2")
@@ -143,9 +148,9 @@ def test_a_comma_list_holds_the_vram_on_each_listed_gpu(children):
 
 def test_a_child_with_its_own_vram_replaces_its_parents_claim(children):
     """A child that sets its own GPU_COMPETE_VRAM_GB is counted in place of its shell (not added)."""
-    probe = SimulatedProbe(parse_spec("1x24"))
+    probe = SimulatedProbe(parse_spec("1x24"), namespace=NS)
     shell = subprocess.Popen(["bash", "-c", "GPU_COMPETE_VRAM_GB=9 sleep 60 & wait"],
-                             env=dict(os.environ, CUDA_VISIBLE_DEVICES="0", GPU_COMPETE_VRAM_GB="2"),
+                             env=dict(os.environ, CUDA_VISIBLE_DEVICES="0", GPU_COMPETE_VRAM_GB="2", GPU_COMPETE_NAMESPACE=NS),
                              start_new_session=True)
     children.append(shell)
     import psutil
@@ -164,12 +169,13 @@ def test_a_claim_seen_before_exec_is_read_again_after_it(children):
     """A process between fork and exec still shows its parent's environment (under load that
     moment can last): what it claims then is not remembered, so once it has exec'd with a
     GPU_COMPETE_VRAM_GB of its own, that is what it holds."""
-    probe = SimulatedProbe(parse_spec("1x24"))
+    probe = SimulatedProbe(parse_spec("1x24"), namespace=NS)
     gate = "import os, sys, time\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.01)\n" \
            "os.execvpe('sleep', ['sleep', '60'], dict(os.environ, GPU_COMPETE_VRAM_GB='9'))"
     go = f"/tmp/gc-exec-gate-{os.getpid()}"
     proc = subprocess.Popen([sys.executable, "-c", gate, go], start_new_session=True,
-                            env=dict(os.environ, CUDA_VISIBLE_DEVICES="0", GPU_COMPETE_VRAM_GB="2"))
+                            env=dict(os.environ, CUDA_VISIBLE_DEVICES="0", GPU_COMPETE_VRAM_GB="2",
+                                     GPU_COMPETE_NAMESPACE=NS))
     children.append(proc)
     try:
         wait_for(lambda: {p.pid: p.used_bytes for p in probe.snapshot()[0].processes}.get(proc.pid) == 2 * GIB, 10,
