@@ -43,9 +43,12 @@ VRAM_ENV = "GPU_COMPETE_VRAM_GB"
 # one count everywhere.
 NAMESPACE_ENV = "GPU_COMPETE_NAMESPACE"
 # A process younger than this may be between fork and exec, still showing its parent's
-# environment (none, or its parent's claim): its claim is read again next time rather than
-# remembered.
+# environment: no claim read from it is remembered, it is read again next time.
 _EXEC_GRACE_S = 1.0
+# ... and a claim (its parent's, maybe) is remembered only once read from a process this old:
+# shorter, since every new task process is read each round until then (fork to exec takes
+# milliseconds, even on a busy machine).
+_CLAIM_SETTLE_S = 0.2
 _SHORT_SPEC = re.compile(r"^(?P<n>\d+)x(?P<gb>\d+(?:\.\d+)?)(?:,delay=(?P<delay>\d+(?:\.\d+)?))?"
                          r"(?:,linger=(?P<linger>\d+(?:\.\d+)?))?$")
 
@@ -179,7 +182,7 @@ class SimulatedProbe:
                 claim, created = _claim_pid(pid, uid, self.namespace)
                 # A young process may be between fork and exec, showing its parent's
                 # environment (no claim, or the parent's): used now, read again next time.
-                if created is None or now - created >= _EXEC_GRACE_S:
+                if created is None or now - created >= (_EXEC_GRACE_S if claim is None else _CLAIM_SETTLE_S):
                     self._seen[key] = claim
                     if claim is None:
                         self._ignored.add(pid)
