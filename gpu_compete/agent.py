@@ -329,25 +329,20 @@ class Agent:
                         "gone": child.worker_done}
             self._forget(uid)  # ended: the registry and the log say how, as for any supervisor
         # The supervisor has ended, or was started by an earlier agent: the record, the
-        # supervisor's lock on its log and the log's end line tell.
-        if record is None and not launcher.log_path(self.state, uid).exists():
+        # supervisor's lock on its log and the log's end line tell (the daemon's rule).
+        logfile = launcher.log_path(self.state, uid)
+        if record is None and not logfile.exists():
             return {"state": "unknown"}
         sup = (record or {}).get("supervisor_pid")
-        said = evidence.wrapper_ending(record, sup if procs.is_pid(sup) else None)
-        if said is not None:
-            tail = evidence.log_tail(launcher.log_path(self.state, uid)) if said.state != "normal_exit" else ""
-            error = None if said.state == "normal_exit" else evidence.error_type(record, tail, uid, None, sup)
-            return self._ended(said.state, error, record, (record or {}).get("exit_status"))
-        if ((record and evidence.record_alive(record, uid, self.namespace))
-                or evidence.supervisor_running(launcher.log_path(self.state, uid))):
+        ended = evidence.outcome(uid, record, logfile, supervisor_pid=sup if procs.is_pid(sup) else None,
+                                 alive=lambda: bool(record and evidence.record_alive(record, uid, self.namespace))
+                                 or evidence.supervisor_running(logfile))
+        if ended is None:
             return {"state": "running", "confirmed": self._confirmed(uid, record, snapshots), "gone": False}
-        tail = evidence.log_tail(launcher.log_path(self.state, uid))
-        ended = evidence.supervisor_ending(tail, uid)
-        if ended is not None:
-            error = None if ended.state == "normal_exit" else evidence.error_type(record, tail, uid)
-            return self._ended(ended.state, error, record, (record or {}).get("exit_status"))
-        self._leftovers(uid, record)
-        return self._ended("lost", "lost", record, None, why="its process died without recording how it ended")
+        if ended.state == "lost":
+            self._leftovers(uid, record)
+            return self._ended("lost", "lost", record, None, why=ended.why)
+        return self._ended(ended.state, ended.error_type, record, (record or {}).get("exit_status"))
 
     def _usage(self, tasks: dict[str, dict[str, Any]], records: dict[str, Any], snapshots: list[GpuSnapshot]) -> None:
         """What each running task's processes hold now on its GPUs (`"vram": {node/key: bytes}`),

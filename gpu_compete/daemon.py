@@ -221,6 +221,7 @@ class Daemon(Reconciling, Outcomes, Placing):
             if record is not None and not record.get("legacy"):
                 self.known[uid] = record
             child = self.children.get(uid)
+            logfile = launcher.log_path(self.config.state_dir, uid)
             if child is not None:
                 rc = child.poll()
                 if rc is None:
@@ -228,25 +229,18 @@ class Daemon(Reconciling, Outcomes, Placing):
                         missing[uid] = self.known[uid]  # wiped by someone: put our record back
                     continue
                 self._drop_child(uid)
-                said = evidence.wrapper_ending(record, child.pid)
-                if uid in successes or (said and said.state == "normal_exit") or (rc == 0 and not said):
-                    self._completed(task, record or {}, now, exit_status=rc)
-                elif rc < 0 and not said:
-                    self._lost(task, f"its supervisor was killed by signal {-rc}", now)
-                else:
-                    self._failed(task, self._why(task, record, rc, child.pid), now)
-                continue
-            # Adopted: not our child, so the registry, the history and the log tell how it ended.
-            sup = self.known.get(uid, {}).get("supervisor_pid")
-            said = evidence.wrapper_ending(record, sup if procs.is_pid(sup) else None)
-            if uid in successes or (said and said.state == "normal_exit"):
-                self._completed(task, record or {}, now)
-            elif said:
-                self._failed(task, self._why(task, record, None, sup if procs.is_pid(sup) else None), now)
-            elif not self._alive(uid, record):
-                self._ended_unseen(task, record or {}, now)
-            elif record is None and uid in self.known:
-                missing[uid] = self.known[uid]
+                ended = evidence.outcome(uid, record, logfile, alive=lambda: True, returncode=rc,
+                                         supervisor_pid=child.pid, succeeded=uid in successes)
+            else:  # adopted: not our child, so the registry, the history and the log tell how it ended
+                sup = self.known.get(uid, {}).get("supervisor_pid")
+                ended = evidence.outcome(uid, record, logfile, alive=lambda: self._alive(uid, record),
+                                         supervisor_pid=sup if procs.is_pid(sup) else None,
+                                         succeeded=uid in successes)
+                rc = None
+                if ended is None and record is None and uid in self.known:
+                    missing[uid] = self.known[uid]
+            if ended is not None:
+                self._settle(task, ended, record or {}, now, exit_status=rc or 0)
         if missing:
             log.warning("registry records vanished; writing them back", uni_ids=sorted(missing))
             self.ledger.write(lambda data: [data.setdefault(u, r) for u, r in missing.items()])

@@ -18,7 +18,7 @@ import fcntl
 import os
 import re
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import psutil
 
@@ -154,3 +154,44 @@ def error_type(record: dict[str, Any] | None, tail: str, uni_id: str, returncode
     if said and said.error_type:
         return said.error_type
     return classify(returncode if returncode not in (None, 0) else 1, tail) or "unknown"
+
+
+class Outcome(NamedTuple):
+    """How an attempt ended: `normal_exit`, `abnormal_exit` (with why) or `lost` (no word of it)."""
+    state: str
+    error_type: str | None
+    why: str | None = None
+
+
+def outcome(uni_id: str, record: dict[str, Any] | None, log_path: Path, *, alive: Callable[[], bool],
+            returncode: int | None = None, supervisor_pid: int | None = None,
+            succeeded: bool = False) -> Outcome | None:
+    """How the task's attempt ended, from the best evidence; None while it runs. One rule for
+    the daemon and for every node's agent.
+
+    `returncode`: the exit status of its supervisor where we reaped it (our own child); else
+    `alive()` says whether it still runs. `supervisor_pid`: this attempt's supervisor, so that
+    a stale record of an earlier attempt does not speak for it. `succeeded`: the history
+    holds its success line (a wrapped script's, say)."""
+    said = wrapper_ending(record, supervisor_pid)
+    if succeeded or (said and said.state == "normal_exit") or (returncode == 0 and not said):
+        return Outcome("normal_exit", None)
+    if returncode is not None and returncode < 0 and not said:
+        return Outcome("lost", "lost", f"its supervisor was killed by signal {-returncode}")
+    if said or returncode is not None:
+        return Outcome("abnormal_exit", error_type(record, log_tail(log_path), uni_id, returncode, supervisor_pid))
+    if alive():
+        return None
+    return unseen_outcome(uni_id, record, log_path)
+
+
+def unseen_outcome(uni_id: str, record: dict[str, Any] | None, log_path: Path) -> Outcome:
+    """A task whose processes are gone and whose end no record holds: the supervisor's end
+    line in its log may still say how it ended; only without one is it lost."""
+    tail = log_tail(log_path)
+    ended = supervisor_ending(tail, uni_id)
+    if ended is not None and ended.state == "normal_exit":
+        return Outcome("normal_exit", None)
+    if ended is not None:
+        return Outcome("abnormal_exit", error_type(record, tail, uni_id))
+    return Outcome("lost", "lost", "its process died without recording how it ended")

@@ -27,6 +27,16 @@ class Outcomes:
         tail = evidence.log_tail(launcher.log_path(self.config.state_dir, task.uni_id))
         return evidence.error_type(record, tail, task.uni_id, returncode, supervisor_pid)
 
+    def _settle(self, task: Task, ended: evidence.Outcome, record: dict[str, Any], now: float,
+                exit_status: int = 0) -> None:
+        """Record an attempt's end as the evidence says (`evidence.outcome`)."""
+        if ended.state == "normal_exit":
+            self._completed(task, record, now, exit_status=exit_status)
+        elif ended.state == "lost":
+            self._lost(task, ended.why or "lost", now)
+        else:
+            self._failed(task, ended.error_type or "unknown", now)
+
     def _sync_history(self) -> set[str]:
         """uni_ids whose success lines appeared in the history since the last look. A task we
         did not think was running (an orphan of an earlier daemon finished) is completed too:

@@ -77,7 +77,9 @@ class Reconciling:
                 if evidence.record_alive(record, uid, self.namespace):
                     self._adopt(task, record, now)
                 else:
-                    self._ended_unseen(task, record, now)
+                    self._settle(task, evidence.unseen_outcome(task.uni_id, record,
+                                                               launcher.log_path(self.config.state_dir, task.uni_id)),
+                                 record, now)
             elif state == "normal_exit":
                 if not self.config.fresh:
                     self._completed(task, record, now)
@@ -112,17 +114,3 @@ class Reconciling:
 
     def _supervised(self, uid: str) -> bool:
         return evidence.supervisor_running(launcher.log_path(self.config.state_dir, uid))
-
-    def _ended_unseen(self, task: Task, record: dict[str, Any], now: float) -> None:
-        """A task whose process is gone and whose end nobody recorded in the registry: the
-        supervisor's end line in its log may still say how it ended; only without one is it
-        lost."""
-        uid = task.uni_id
-        tail = evidence.log_tail(launcher.log_path(self.config.state_dir, uid))
-        ended = evidence.supervisor_ending(tail, uid)
-        if ended is not None and ended.state == "normal_exit":
-            self._completed(task, record, now)
-        elif ended is not None:
-            self._failed(task, evidence.error_type(record, tail, uid), now)
-        else:
-            self._lost(task, "its process died without recording how it ended", now)
