@@ -266,7 +266,7 @@ class Coordinator:
                     self.gone.add(uid)
             elif how["state"] == "ended":
                 self._ended(task, node, how, now)
-            elif not self.steer.stopped_on_purpose(task, now):  # the node knows nothing of it: never started
+            else:  # the node knows nothing of it: its agent never started it
                 self._failed(task, node, "lost", now, note="its node has no trace of it")
 
     def _guard(self, node: str, guard: dict[str, str] | None) -> None:
@@ -353,9 +353,8 @@ class Coordinator:
     # --- outcomes ---------------------------------------------------------------------------
 
     def _ended(self, task: Task, node: str, how: dict[str, Any], now: float) -> None:
-        if how["outcome"] != "normal_exit" and self.steer.stopped_on_purpose(task, now):
-            pass  # ended by `gpu-compete kill`
-        elif how["outcome"] == "abnormal_exit" and how.get("error_type") == "stopped":
+        by_stop = how.get("error_type") == "stopped" and task.uni_id not in self.steer.killing  # (a kill: _failed)
+        if how["outcome"] == "abnormal_exit" and by_stop:
             # Ended by `stop --kill` (found so by a restarted coordinator): runs again, not a failure.
             self.stopped(task, node, now, by="stop --kill")
         elif how["outcome"] == "normal_exit":
@@ -386,6 +385,8 @@ class Coordinator:
 
     def _failed(self, task: Task, node: str, error_type: str, now: float, note: str | None = None,
                 how: dict[str, Any] | None = None) -> None:
+        if self.steer.stopped_on_purpose(task, now):
+            return  # ended by `gpu-compete kill`, however it ended
         self._release(task)
         permanent = is_permanent(error_type) and not self.config.retry_permanent
         decision = self.config.retry.after_failure(task.retry_count, now, max_retries=task.spec.retries,
