@@ -111,6 +111,8 @@ class Agent:
         self.vram = VramWatch(descends, current_user())
         self.guard = GuardWatch(HostGuard(min_free_ram, min_free_disk), Path(work_dir), lambda: iso(time.time()))
         self.lock = threading.Lock()
+        self.ending: set[str] = set()  # tasks being killed by `end`: said to run until that is done
+        self._news = False  # something a waiting observe must return for (an `end` done)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -268,9 +270,25 @@ class Agent:
 
     def end(self, uni_ids: list[str]) -> None:
         """`gpu-compete kill` on a --ray run: `kill(uni_ids, stopped=True)` in the background,
-        so this node's launches and answers go on through the grace period."""
+        so this node's launches and answers go on through the grace period. Until it is done
+        (the task's processes are all gone and its record says stopped), `observe` says the
+        task runs: its next attempt cannot start, here or elsewhere, before the kill's last
+        sweep, which looks for its processes by their environment and would end that one too."""
         self._contact()
-        threading.Thread(target=self.kill, args=(list(uni_ids), True), name="agent-end", daemon=True).start()
+        uids = list(uni_ids)
+        with self.lock:
+            self.ending.update(uids)
+
+        def work() -> None:
+            try:
+                self.kill(uids, True)
+            finally:
+                with self.lock:
+                    self.ending.difference_update(uids)
+                    self._news = True
+                self._wake()
+
+        threading.Thread(target=work, name="agent-end", daemon=True).start()
 
     def retried(self, uni_ids: list[str]) -> None:
         """`gpu-compete retry`: the ended records of these tasks forget their attempt, so a
@@ -320,6 +338,8 @@ class Agent:
 
     def _how(self, uid: str, record: dict[str, Any] | None, snapshots: list[GpuSnapshot]) -> dict[str, Any]:
         """One task's state, from the best evidence (as the single-machine daemon decides it)."""
+        if uid in self.ending:
+            return {"state": "running", "confirmed": self._confirmed(uid, record, snapshots), "gone": False}
         child = self.children.get(uid)
         if child is not None:
             if child.done_fd is not None:
@@ -431,6 +451,8 @@ class Agent:
             with self.lock:
                 fds, polling = [self._wake_r], False
                 for uid, child in self.children.items():
+                    if uid in self.ending:
+                        continue  # its end is said once its kill is done (`_news`)
                     if child.done_fd is not None:
                         fds.append(child.done_fd)
                     if uid in self.exits:
@@ -447,11 +469,13 @@ class Agent:
                         pass
                 except BlockingIOError:
                     pass
-            if any(fd != self._wake_r for fd in ready):
+            with self.lock:
+                news, self._news = self._news, False
+            if news or any(fd != self._wake_r for fd in ready):
                 return
             if polling and not ready:
                 with self.lock:
-                    if any(self._exited(uid) for uid in self.children):
+                    if any(self._exited(uid) for uid in self.children if uid not in self.ending):
                         return
 
 

@@ -355,8 +355,9 @@ class Coordinator:
     def _ended(self, task: Task, node: str, how: dict[str, Any], now: float) -> None:
         by_stop = how.get("error_type") == "stopped" and task.uni_id not in self.steer.killing  # (a kill: _failed)
         if how["outcome"] == "abnormal_exit" and by_stop:
-            # Ended by `stop --kill` (found so by a restarted coordinator): runs again, not a failure.
-            self.stopped(task, node, now, by="stop --kill")
+            # Ended on purpose (`stop --kill`, or a `kill` asked of an earlier coordinator): its
+            # node's record says so. It runs again, not counted as a failure.
+            self.stopped(task, node, now, by="kill or stop --kill")
         elif how["outcome"] == "normal_exit":
             self._release(task)
             task.state, task.error_type = TaskState.COMPLETED, None

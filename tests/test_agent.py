@@ -145,3 +145,28 @@ def test_the_heartbeat_goes_on_while_the_coordinator_calls_or_is_known_gone(tmp_
     assert not a.should_beat()
     a.attach_owner(lambda: False)  # a new coordinator takes the agent over: a call too
     assert a.should_beat()
+
+
+def test_end_says_the_task_runs_until_its_kill_is_done(agent):
+    """`end` (`gpu-compete kill` on a --ray run) kills in the background; until every process
+    of the task is gone and its record says stopped, `observe` says it runs (not gone): its next
+    attempt must not start while the kill's last sweep, which finds the task's processes by
+    their environment, could still reach it. Then the waiting observe returns at once."""
+    from gpu_compete import evidence, procs
+
+    task = spec("trap '' TERM; sleep 30")  # ignores SIGTERM: ended by SIGKILL after the 1 s grace
+    uid = task.uni_id
+    agent.launch(task, ["0"], ["0"], attempt=1, retry_count=0)
+    wait_for(lambda: agent.observe([uid], wait_s=0.1)["tasks"][uid].get("confirmed"), 10, "the task on its GPU")
+    agent.end([uid])
+    started = time.monotonic()
+    seen = []
+    while time.monotonic() - started < 20:
+        how = agent.observe([uid], wait_s=10)["tasks"][uid]
+        seen.append((time.monotonic() - started, how))
+        if how["state"] == "ended":
+            break
+    assert how["state"] == "ended" and how["error_type"] == "stopped", seen
+    assert 1.0 <= seen[-1][0] < 9  # after the grace, and woken when the kill was done, not at 10 s
+    assert all(h["state"] == "running" and not h["gone"] for _, h in seen[:-1]), seen
+    assert not procs.processes_with_env(**{evidence.UNI_ID_ENV: uid, evidence.NAMESPACE_ENV: agent.namespace})
