@@ -87,7 +87,11 @@ def connect(address: str) -> None:
     if target != address:
         shown = f"{address} ({target})"
     host, _, port = target.rpartition(":")
-    _check_gcs(host.strip("[]"), int(port), shown)
+    hint = None
+    if target != address and address.rpartition(":")[0] in ("127.0.0.1", "localhost"):
+        hint = ("(Ray dials this machine's address for a loopback one; for a cluster started on 127.0.0.1, "
+                "run gpu-compete with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 too)")
+    _check_gcs(host.strip("[]"), int(port), shown, hint=hint)
     _check_local_node(shown)
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
@@ -118,8 +122,8 @@ def _bootstrap_address(address: str) -> str:
     return target
 
 
-def _check_gcs(host: str, port: int, shown: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    hint = "(start one with `ray start --head`)"
+def _check_gcs(host: str, port: int, shown: str, timeout: float = CONNECT_TIMEOUT_S, hint: str | None = None) -> None:
+    hint = hint or "(start one with `ray start --head`)"
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.settimeout(timeout)

@@ -127,6 +127,19 @@ def test_auto_takes_ray_address_and_checks_it(monkeypatch):
         glue.connect(f"ray://127.0.0.1:{port}")
 
 
+def test_a_loopback_address_that_ray_rewrites_says_how_to_keep_it(monkeypatch):
+    """Ray dials the machine's own address for 127.0.0.1 unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0:
+    a cluster bound to loopback is then refused, and the line says what to set."""
+    pytest.importorskip("ray")
+    from ray._private import services
+
+    port = free_port()
+    monkeypatch.setattr(services, "canonicalize_bootstrap_address", lambda address, *a, **k: f"127.0.0.2:{port}")
+    with pytest.raises(ClusterError, match=rf"127.0.0.1:{port} \(127.0.0.2:{port}\): connection refused .*"
+                                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"):
+        glue.connect(f"127.0.0.1:{port}")
+
+
 # --- on a cluster -----------------------------------------------------------------------------
 
 
