@@ -281,8 +281,10 @@ class Steering(Orders):
     def view(self, view: dict[str, Any]) -> None:
         """Add what steering knows to a status view."""
         for q in view.get("queues", []):
-            if (self.paused_all or q["queue"] in self.paused) and q["status"] == "IDLE":
+            if (self.paused_all or q["queue"] in self.paused) and q["status"] in ("IDLE", "BUSY", "WAITING") \
+                    and q["current_state"] != "running":
                 q["status"] = "PAUSED"
+                q["why"] = "paused: starts after `gpu-compete resume`"
         view["steering"] = {
             "paused_all": self.paused_all, "paused": sorted(self.paused), "follow": self.follow,
             "commands_file": str(self.book.path) if self.book else None,

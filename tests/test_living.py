@@ -162,6 +162,7 @@ def test_pause_starts_nothing_new_and_resume_goes_on(live):
     assert run.cli("pause", "nope").returncode == 1
     run.release("A")
     wait_for(lambda: run.queue("1")["status"] == "PAUSED", 15, "queue 1 shown paused")
+    assert run.queue("1")["why"] == "paused: starts after `gpu-compete resume`"
     run.rounds_pass()
     assert run.starts("B") == 0
     assert run.cli("pause").returncode == 0
