@@ -23,6 +23,7 @@ runs twice.
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import time
@@ -124,6 +125,7 @@ class Coordinator:
             elif uid in gave_up:
                 task.state, task.error_type = TaskState.FAILED, gave_up[uid].get("error_type")
         self.steer.restore()  # skips
+        self._restore_records()
         stops = {(e.get("uni_id"), e.get("attempt")) for e in past if e.get("state") == "stopped"}
         self.agents.refresh()
         open_ = [u for u, t in self.tasks.items() if t.state not in (TaskState.COMPLETED, TaskState.FAILED)]
@@ -145,6 +147,17 @@ class Coordinator:
         # Running or ended unseen: adopted, and the node's next answer says which.
         for uid, (_, node, info) in best.items():
             self._adopt(self.tasks[uid], node, info, now)
+
+    def _restore_records(self) -> None:
+        """The nodes' records as the coordinator before this one last showed them (a node
+        reports a task's record only while it runs or as it ends): `status` keeps listing them."""
+        try:
+            rows = json.loads((self.config.state_dir / "status.json").read_text()).get("registry") or []
+        except (OSError, ValueError, AttributeError):
+            return
+        for row in rows:
+            if isinstance(row, dict) and row.get("uni_id") in self.tasks:
+                self.records[row["uni_id"]] = {k: v for k, v in row.items() if k != "uni_id"}
 
     def _adopt(self, task: Task, node: str, info: dict[str, Any], now: float) -> None:
         task.state, task.adopted, task.launched_at, task.confirmed = TaskState.RUNNING, True, now, False

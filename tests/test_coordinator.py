@@ -107,6 +107,7 @@ def test_queues_spread_over_two_nodes_in_order_and_each_task_runs_once(tmp_path,
     rows = run.coordinator.view()["registry"]  # what `status` shows of the nodes' registries
     assert len(rows) == 5 and {r["state"] for r in rows} == {"normal_exit"}
     assert all(r["gpu"] == f"{r['node']}/0" and r["alive"] != "alive" for r in rows)
+    assert run.new_coordinator().view()["registry"] == rows  # a restart keeps showing them
 
 
 def test_a_node_that_leaves_has_its_tasks_run_elsewhere_and_a_copy_that_comes_back_is_ended(tmp_path, stop_all):
