@@ -89,8 +89,8 @@ def connect(address: str) -> None:
     host, _, port = target.rpartition(":")
     hint = None
     if target != address and address.rpartition(":")[0] in ("127.0.0.1", "localhost"):
-        hint = ("(Ray dials this machine's address for a loopback one; for a cluster started on 127.0.0.1, "
-                "run gpu-compete with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 too)")
+        hint = ("(start one with `ray start --head`; Ray dials this machine's address for a loopback one: "
+                "for a cluster started on 127.0.0.1, run gpu-compete with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 too)")
     _check_gcs(host.strip("[]"), int(port), shown, hint=hint)
     _check_local_node(shown)
     try:

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,10 +121,18 @@ class DaemonRun:
         wait_for(lambda: self.started(name) >= count, timeout, f"{name} to start {count} time(s)")
 
     def registry(self) -> dict:
-        try:
-            return json.loads((self.state / "uni_id.json").read_text())
-        except FileNotFoundError:
-            return {}
+        """The registry as a reader sees it; read again while it is caught half written (an old
+        wrapper script writes it in place, without a lock)."""
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                return json.loads((self.state / "uni_id.json").read_text())
+            except FileNotFoundError:
+                return {}
+            except ValueError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def history(self) -> list[dict]:
         try:
