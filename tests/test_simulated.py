@@ -190,3 +190,17 @@ def test_a_claim_seen_before_exec_is_read_again_after_it(children, monkeypatch):
     finally:
         if os.path.exists(go):
             os.unlink(go)
+
+
+def test_a_pid_reused_by_a_task_is_seen_within_a_second(children):
+    """A pid set aside as no task of ours is looked at again after a second: on a busy machine
+    pids wrap quickly, and a task that got the pid of a process set aside before must not stay
+    invisible (its GPU would look free, its VRAM unmeasured)."""
+    skew = [0.0]
+    probe = SimulatedProbe(parse_spec("1x24"), namespace=NS, clock=lambda: time.time() + skew[0])
+    child = spawn(0, "5")
+    children.append(child)
+    probe._ignored[child.pid] = time.time() + 1.0  # as if an earlier process with this pid was set aside
+    assert child.pid not in pids_on(probe, 0)
+    skew[0] = 1.5
+    wait_for(lambda: child.pid in pids_on(probe, 0), 10, "the task, once its pid is looked at again")

@@ -49,6 +49,8 @@ _EXEC_GRACE_S = 1.0
 # shorter, since every new task process is read each round until then (fork to exec takes
 # milliseconds, even on a busy machine).
 _CLAIM_SETTLE_S = 0.2
+# How long a process that is no task of ours goes unread before its pid is looked at again.
+_IGNORE_S = 1.0
 _SHORT_SPEC = re.compile(r"^(?P<n>\d+)x(?P<gb>\d+(?:\.\d+)?)(?:,delay=(?P<delay>\d+(?:\.\d+)?))?"
                          r"(?:,linger=(?P<linger>\d+(?:\.\d+)?))?$")
 
@@ -132,7 +134,9 @@ class SimulatedProbe:
         # (pid, start ticks) -> (gpu index, bytes, create time) or None; a process's initial
         # environment never changes, so each process is read once.
         self._seen: dict[tuple[int, int], tuple[tuple[int, ...], int, float] | None] = {}
-        self._ignored: set[int] = set()  # pids of processes that are no task of ours
+        # pid -> when to look at it again: a process that is no task of ours (its pid may be
+        # taken by a new process meanwhile, and pids wrap quickly on a busy machine).
+        self._ignored: dict[int, float] = {}
         # Processes that exited, still listed until `linger_s` passes: (pid, ct) -> (gpu, bytes, ppid, gone_at)
         # Keyed by ((pid, create time), gpu): a gpus=N task's process is listed on each GPU.
         self._lingering: dict[tuple[tuple[int, float], int], tuple[int, int, int, float]] = {}
@@ -165,9 +169,10 @@ class SimulatedProbe:
         uid = os.getuid()
         pids = _pids()
         # Only new processes and those placed on a GPU are read: a process already known to be
-        # someone else's (or no task) stays so until its pid leaves /proc.
-        self._ignored &= pids
-        for pid in pids - self._ignored:
+        # someone else's (or no task) is looked at again only every _IGNORE_S (its pid may have
+        # been reused by then: a new process is then read like any other).
+        self._ignored = {p: until for p, until in self._ignored.items() if until > now and p in pids}
+        for pid in pids - self._ignored.keys():
             row = _stat(pid)
             if row is None:
                 continue
@@ -178,6 +183,8 @@ class SimulatedProbe:
             alive.add(key)
             if key in self._seen:
                 claim = self._seen[key]
+                if claim is None:
+                    self._ignored[pid] = now + _IGNORE_S  # the same process: still none of ours
             else:
                 claim, created = _claim_pid(pid, uid, self.namespace)
                 # A young process may be between fork and exec, showing its parent's
@@ -185,7 +192,7 @@ class SimulatedProbe:
                 if created is None or now - created >= (_EXEC_GRACE_S if claim is None else _CLAIM_SETTLE_S):
                     self._seen[key] = claim
                     if claim is None:
-                        self._ignored.add(pid)
+                        self._ignored[pid] = now + _IGNORE_S
             if claim is None:
                 continue
             gpus, used, created = claim
