@@ -191,7 +191,7 @@ def check(commands_file: str, work_dir: str, as_json: bool) -> None:
     click.echo(f"{parsed.path}: {len(parsed.tasks)} tasks in {len(queues)} queues "
                f"({GPU_MARKER} stands for the GPU chosen at launch)")
     for q, tasks in queues.items():
-        click.echo(f"\nqueue {q} ({len(tasks)} tasks, in order)")
+        click.echo(f"\nqueue {q} ({len(tasks)} task{'s' if len(tasks) != 1 else ''}, in order)")
         for t in tasks:
             click.echo(f"  {t.position}. {t.uni_id}  vram {t.vram_gb:g} GB{_options_text(t)}  (line {t.line})")
             for command in t.expanded(work):

@@ -138,7 +138,7 @@ def logs(uni_id: str, state_dir: str, follow: bool, attempt: int | None, ray_add
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        _fail(f"no log for {uid} in {state / 'logs'} (it has not started yet, or the uni_id is wrong; "
+        _fail(f"no log for {uid} in {state / 'logs'} or {state / 'nodes'}/*/logs (it has not started yet, or the uni_id is wrong; "
               "a task of a --ray run on another node: add --ray ADDRESS)", 1)
     except OSError as exc:
         _fail(f"cannot read {path}: {exc.strerror or exc}", 1)
