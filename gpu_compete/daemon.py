@@ -21,11 +21,9 @@ from typing import Any, Callable
 import structlog
 
 from . import (
-    evidence,
     hostguard,
     launcher,
     pidfile,
-    procs,
     status,
     stopping,
 )
@@ -214,33 +212,16 @@ class Daemon(Reconciling, Outcomes, Placing):
         except RegistryError as exc:
             log.warning("registry unreadable this round", error=str(exc))
             records = {}
-        missing = {}
         for task in running:
-            uid = task.uni_id
-            record = records.get(uid)
+            record = records.get(task.uni_id)
             if record is not None and not record.get("legacy"):
-                self.known[uid] = record
-            child = self.children.get(uid)
-            logfile = launcher.log_path(self.config.state_dir, uid)
-            if child is not None:
-                rc = child.poll()
-                if rc is None:
-                    if record is None and uid in self.known:
-                        missing[uid] = self.known[uid]  # wiped by someone: put our record back
-                    continue
-                self._drop_child(uid)
-                ended = evidence.outcome(uid, record, logfile, alive=lambda: True, returncode=rc,
-                                         supervisor_pid=child.pid, succeeded=uid in successes)
-            else:  # adopted: not our child, so the registry, the history and the log tell how it ended
-                sup = self.known.get(uid, {}).get("supervisor_pid")
-                ended = evidence.outcome(uid, record, logfile, alive=lambda: self._alive(uid, record),
-                                         supervisor_pid=sup if procs.is_pid(sup) else None,
-                                         succeeded=uid in successes)
-                rc = None
-                if ended is None and record is None and uid in self.known:
-                    missing[uid] = self.known[uid]
-            if ended is not None:
-                self._settle(task, ended, record or {}, now, exit_status=rc or 0)
+                self.known[task.uni_id] = record
+        ended, missing = self.node.outcomes({t.uni_id: self.known.get(t.uni_id) for t in running}, records, successes)
+        for task in running:
+            if task.uni_id in ended:
+                how, rc = ended[task.uni_id]
+                self._drop_child(task.uni_id)
+                self._settle(task, how, records.get(task.uni_id) or {}, now, exit_status=rc or 0)
         if missing:
             log.warning("registry records vanished; writing them back", uni_ids=sorted(missing))
             self.ledger.write(lambda data: [data.setdefault(u, r) for u, r in missing.items()])

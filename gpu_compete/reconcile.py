@@ -108,9 +108,7 @@ class Reconciling:
         log.info("adopted running task", uni_id=task.uni_id, pid=record.get("pid"), gpu=task.gpu)
 
     def _alive(self, uid: str, record: dict[str, Any] | None) -> bool:
-        return evidence.record_alive(record or self.known.get(uid, {}), uid, self.namespace) or (
-            record is not None and uid in self.known and evidence.record_alive(self.known[uid], uid, self.namespace)
-        ) or self._supervised(uid)
+        return self.node.alive(uid, record, self.known.get(uid))
 
     def _supervised(self, uid: str) -> bool:
         return evidence.supervisor_running(launcher.log_path(self.config.state_dir, uid))
