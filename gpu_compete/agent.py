@@ -23,9 +23,10 @@ import select
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Collection
+from typing import Any, Callable
 
 from . import evidence, launcher, procs, stopping
+from .agent_local import OneMachine
 from .forkserver import ForkServer
 from .gpus import open_probe
 from .gpus.base import GpuProbe, GpuSnapshot, current_user
@@ -53,7 +54,7 @@ def node_dir(state_dir: str | os.PathLike[str], node: str) -> Path:
     return Path(state_dir) / "nodes" / node
 
 
-class Agent:
+class Agent(OneMachine):
     def __init__(self, node: str | None, state_dir: str, work_dir: str, simulate: str | None = None,
                  gpus: str = "all", kill_grace: float = 10.0, fence_s: float | None = None,
                  contact_s: float | None = None, clock: Callable[[], float] = time.monotonic,
@@ -226,45 +227,6 @@ class Agent:
         why = self.guard.check()
         return {"node": self.node, "snapshots": [_named(s, self.node) for s in snapshots], "tasks": tasks,
                 "ghosts": sorted(self.ghosts), "guard": None if why is None else {"why": why, "since": self.guard.since}}
-
-    def outcomes(self, running: dict[str, dict[str, Any] | None], records: dict[str, Any],
-                 successes: Collection[str]) -> tuple[dict[str, tuple[evidence.Outcome, int | None]],
-                                                      dict[str, dict[str, Any]]]:
-        """One machine's `observe`, for the daemon's round: how each of these running tasks
-        ended ({uid: (outcome, its supervisor's exit status where we reaped it)}), by
-        `evidence.outcome`, and the records to put back (a task still running whose record
-        someone wiped). `running`: each task's last whole record we know (None: none yet);
-        `records`: the registry as the daemon read it this round; `successes`: the uni_ids
-        with a success line in the history."""
-        ended: dict[str, tuple[evidence.Outcome, int | None]] = {}
-        missing: dict[str, dict[str, Any]] = {}
-        for uid, known in running.items():
-            record = records.get(uid)
-            logfile = launcher.log_path(self.state, uid)
-            child = self.children.get(uid)
-            if child is not None:
-                rc = child.poll()
-                if rc is None:
-                    how = None
-                else:  # our own child: its exit status is the best word there is
-                    how = evidence.outcome(uid, record, logfile, alive=lambda: True, returncode=rc,
-                                           supervisor_pid=child.pid, succeeded=uid in successes)
-            else:  # adopted: not our child, so the registry, the history and the log tell how it ended
-                rc, sup = None, (known or {}).get("supervisor_pid")
-                how = evidence.outcome(uid, record, logfile, supervisor_pid=sup if procs.is_pid(sup) else None,
-                                       alive=lambda: self.alive(uid, record, known), succeeded=uid in successes)
-            if how is not None:
-                ended[uid] = (how, rc)
-            elif record is None and known:
-                missing[uid] = known  # wiped by someone while it runs: put our record back
-        return ended, missing
-
-    def alive(self, uid: str, record: dict[str, Any] | None, known: dict[str, Any] | None) -> bool:
-        """Whether a task we did not start in this process still runs: by the identity its
-        record (or the last whole record we read of it) names, or its supervisor's lock."""
-        return evidence.record_alive(record or known or {}, uid, self.namespace) or (
-            record is not None and bool(known) and evidence.record_alive(known, uid, self.namespace)
-        ) or evidence.supervisor_running(launcher.log_path(self.state, uid))
 
     def find(self, uni_ids: list[str]) -> dict[str, dict[str, Any]]:
         """What this node knows of these tasks, for a restarted coordinator: every one whose

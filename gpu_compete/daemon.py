@@ -328,14 +328,7 @@ class Daemon(Reconciling, Outcomes, Placing):
         running = [t for t in self.tasks.values() if t.state is TaskState.RUNNING]
         log.warning("ending running tasks", count=len(running))
 
-        def reap() -> None:
-            for child in self.children.values():
-                child.poll()
-
-        stopping.end_tasks([self.known.get(t.uni_id, {}) for t in running], self.config.kill_grace, reap,
-                           self.clock)
-        for child in self.children.values():
-            child.wait(timeout=5)
+        self.node.end_all([self.known.get(t.uni_id, {}) for t in running], self.clock)
         for uid in list(self.children):
             self._drop_child(uid)
         stopped = {t.uni_id: t for t in running}

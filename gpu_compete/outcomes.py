@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 
-from . import evidence, launcher, stopping, vram
+from . import evidence, launcher, vram
 from .classify import is_permanent
 from .gpus.base import key_to_record
 from .tasks import Task, TaskState
@@ -73,7 +73,7 @@ class Outcomes:
 
     def _lost(self, task: Task, why: str, now: float) -> None:
         if not self.ledger.read_only:  # a dry run touches no process
-            stopping.end_leftovers(self.known.get(task.uni_id, {}), task.uni_id, self.namespace)
+            self.node.end_leftovers(task.uni_id, self.known.get(task.uni_id, {}))
         self._failed(task, "lost", now, note=why)
 
     def _failed(self, task: Task, error_type: str, now: float, note: str | None = None) -> None:

@@ -15,13 +15,11 @@ edit never starts a second task of a queue beside a running one.
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
 from typing import TYPE_CHECKING, Any, Callable
 
 import structlog
 
-from . import journal, legacy, procs, stopping
+from . import journal, legacy
 from .commandbook import CommandBook, Diff, diff
 from .control import ControlServer
 from .orders import Orders
@@ -181,13 +179,7 @@ class Steering(Orders):
                 continue
             if now >= kill["deadline"] and not kill.get("forced"):
                 kill["forced"] = True
-                record = self.d.known.get(uid, {})
-                child = self.d.children.get(uid)
-                if child is not None and child.poll() is None:
-                    os.kill(child.pid, signal.SIGKILL)  # our unreaped fork: its pid is still its own
-                procs.signal_group(record.get("supervisor_pid"), record.get("supervisor_create_time"),
-                                   signal.SIGKILL)
-                procs.signal_group(*stopping.worker_group(record), signal.SIGKILL)
+                self.d.node.force(uid, self.d.known.get(uid, {}))
 
     def allowed(self, cands: list) -> list:
         if self.paused_all:
@@ -240,25 +232,8 @@ class Steering(Orders):
         self.d.ledger.write(change)
 
     def _end(self, task: Task) -> str | None:
-        """SIGTERM to a running task (its supervisor forwards it to the task's group); the
-        reason when nothing of it can be signalled safely."""
-        record = self.d.known.get(task.uni_id, {})
-        sup, sup_ct = record.get("supervisor_pid"), record.get("supervisor_create_time")
-        # Only a supervisor whose identity we recorded, or the worker group it leads.
-        child = self.d.children.get(task.uni_id)
-        if child is not None:
-            if child.poll() is not None:
-                return f"{task.uni_id} has just ended; nothing to kill"
-            # Our own fork, not yet reaped: its pid cannot have been given to anyone else.
-            os.kill(child.pid, signal.SIGTERM)
-        elif procs.is_pid(sup) and procs.liveness(sup, sup_ct) == "alive":
-            try:
-                os.kill(sup, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        elif not procs.signal_group(*stopping.worker_group(record), signal.SIGTERM):
-            return f"{task.uni_id}: no process of it whose identity can be verified; not signalling"
-        return None
+        """SIGTERM to a running task, through the daemon's agent; why not, when it cannot."""
+        return self.d.node.terminate(task.uni_id, self.d.known.get(task.uni_id, {}))
 
     def finished_ok(self) -> bool:
         """With --follow the daemon waits for more work instead of exiting."""
