@@ -412,7 +412,7 @@ def stop(state_dir: str, kill: bool) -> None:
     state = _state_dir(state_dir)
     info = running_daemon(state)
     if info is None:
-        _fail(f"no gpu-compete daemon is running on {state}", 1)
+        _fail(f"no gpu-compete daemon is running on {state}")  # exit 2, as the steering commands
     os.kill(info["pid"], signal.SIGUSR2 if kill else signal.SIGTERM)
     click.echo(f"asked daemon {info['pid']} to {'end its tasks and stop' if kill else 'drain and stop'}")
 

@@ -894,3 +894,11 @@ def test_in_a_container_nvml_host_pids_are_said_once_and_leases_end_at_settle(in
     assert not task.confirmed  # never seen as itself...
     assert not lease_active(task, time.monotonic(), d.config.settle)  # ...and no longer holds its GPU
     assert all(p.user == "unknown" for s in d.daemon.snapshots for p in s.processes)
+
+
+def test_stop_with_no_daemon_says_so_and_exits_2_as_the_steering_commands_do(tmp_path):
+    for op in ("stop", "pause"):
+        result = subprocess.run([console_script(), op, "--state-dir", str(tmp_path)], capture_output=True, text=True,
+                                timeout=30, env=clean_env())
+        assert result.returncode == 2, (op, result.stderr)
+        assert f"no gpu-compete daemon is running on {tmp_path}" in result.stderr
