@@ -33,14 +33,15 @@ import structlog
 
 from . import journal, status, vram
 from .classify import is_permanent
+from .cluster_steering import ClusterSteering
 from .commandbook import CommandBook
 from .daemon import EXIT_STOPPED, Config, all_ended, exit_code
 from .gpus.base import GpuSnapshot, current_user
 from .hooks import Hooks
 from .observe import Observer
+from .outcomes import say_failed
 from .placing import explain_waits
 from .policy import Placement, build_views, candidates, fits, lease_active, plan_round
-from .cluster_steering import ClusterSteering
 from .tasks import Queue, Task, TaskSpec, TaskState, group_queues
 from .timefmt import iso
 from .wakeloop import WakeLoop, set_flags
@@ -412,22 +413,12 @@ class Coordinator:
                  "end": (how or {}).get("ended_at") or iso(self.wall()), **vram.usage_fields(task)}
         if error_type == "oom":  # the next attempt asks for what this one was seen to use, and more
             entry["vram_gb_needed"] = vram.learn_from_oom(task, self.config.oom_growth, self.snapshots)
-        said = {"note": note} if note else {}
         if decision.action == "give_up":
             task.state = TaskState.FAILED
             entry["gave_up"] = True
-            if permanent:
-                log.error(f"task failed for good at once: {error_type} would only repeat (--retry-permanent "
-                          "retries it); its queue is blocked", uni_id=task.uni_id, error_type=error_type, node=node,
-                          **said)
-            else:
-                log.error("task failed for good; its queue is blocked", uni_id=task.uni_id, error_type=error_type,
-                          node=node, attempts=decision.retry_count, **said)
         else:
             task.state, task.retry_at = TaskState.RETRY, decision.at
-            log.warning("task failed; will retry" if decision.action == "retry" else "task failed; backing off",
-                        uni_id=task.uni_id, error_type=error_type, node=node,
-                        retry_in_s=round(decision.at - now, 1), **said)
+        say_failed(task.uni_id, error_type, decision, permanent, now, note, node=node)
         self._append(entry)
 
     def _release(self, task: Task) -> None:

@@ -21,6 +21,24 @@ log = structlog.get_logger("gpu_compete")
 GHOST_S = 10.0
 
 
+def say_failed(uid: str, error_type: str, decision: Any, permanent: bool, now: float, note: str | None,
+               **context: Any) -> None:
+    """The log line of a failed attempt, as the retry policy decided (`decision`): failed for
+    good (at once, for a failure that would only repeat), or run again after `retry_in_s`.
+    `context`: more fields (the node, with --ray)."""
+    said = {**context, **({"note": note} if note else {})}
+    if decision.action == "give_up" and permanent:
+        log.error(f"task failed for good at once: {error_type} would only repeat (--retry-permanent "
+                  "retries it); its queue is blocked", uni_id=uid, error_type=error_type, **said)
+    elif decision.action == "give_up":
+        log.error("task failed for good; its queue is blocked", uni_id=uid, error_type=error_type,
+                  attempts=decision.retry_count, retries=decision.retry_count - 1, **said)
+    else:
+        log.warning("task failed; will retry" if decision.action == "retry" else "task failed; backing off",
+                    uni_id=uid, error_type=error_type, failures=decision.retry_count,
+                    retry_in_s=round(decision.at - now, 1), **said)
+
+
 class Outcomes:
     def _why(self, task: Task, record: dict[str, Any] | None, returncode: int | None = None,
              supervisor_pid: int | None = None) -> str:
@@ -89,23 +107,13 @@ class Outcomes:
                                   "retry_count": decision.retry_count, **usage}
         if error_type == "oom":
             fields["vram_gb_needed"] = vram.learn_from_oom(task, self.config.oom_growth, self.snapshots)
-        if decision.action == "give_up" and permanent:
+        if decision.action == "give_up":
             task.state = TaskState.FAILED
             fields["gave_up"] = True
-            log.error(f"task failed for good at once: {error_type} would only repeat (--retry-permanent "
-                      "retries it); its queue is blocked", uni_id=task.uni_id, error_type=error_type,
-                      **({"note": note} if note else {}))
-        elif decision.action == "give_up":
-            task.state = TaskState.FAILED
-            fields["gave_up"] = True
-            log.error("task failed for good; its queue is blocked", uni_id=task.uni_id, error_type=error_type,
-                      attempts=decision.retry_count, retries=decision.retry_count - 1, note=note)
         else:
             task.state, task.retry_at = TaskState.RETRY, decision.at
             fields["retry_at"] = _iso(self.wall() + (decision.at - now))
-            log.warning("task failed; will retry" if decision.action == "retry" else "task failed; backing off",
-                        uni_id=task.uni_id, error_type=error_type, failures=decision.retry_count,
-                        retry_in_s=round(decision.at - now, 1), note=note)
+        say_failed(task.uni_id, error_type, decision, permanent, now, note)
         uid = task.uni_id
 
         def change(data: dict[str, Any]) -> None:
