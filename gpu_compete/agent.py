@@ -337,6 +337,14 @@ class Agent(OneMachine):
 
     # --- inside -------------------------------------------------------------------------------
 
+    def alive(self, uid: str, record: dict[str, Any] | None, known: dict[str, Any] | None) -> bool:
+        """Whether a task whose supervisor is not (or no longer) our child still runs: by the
+        identity its record (or the last whole record we read of it) names, or its
+        supervisor's lock on its log."""
+        return evidence.record_alive(record or known or {}, uid, self.namespace) or (
+            record is not None and bool(known) and evidence.record_alive(known, uid, self.namespace)
+        ) or evidence.supervisor_running(launcher.log_path(self.state, uid))
+
     def _how(self, uid: str, record: dict[str, Any] | None, snapshots: list[GpuSnapshot]) -> dict[str, Any]:
         """One task's state, from the best evidence (as the single-machine daemon decides it)."""
         if uid in self.ending:
@@ -356,8 +364,7 @@ class Agent(OneMachine):
             return {"state": "unknown"}
         sup = (record or {}).get("supervisor_pid")
         ended = evidence.outcome(uid, record, logfile, supervisor_pid=sup if procs.is_pid(sup) else None,
-                                 alive=lambda: bool(record and evidence.record_alive(record, uid, self.namespace))
-                                 or evidence.supervisor_running(logfile))
+                                 alive=lambda: self.alive(uid, record, None))
         if ended is None:
             return {"state": "running", "confirmed": self._confirmed(uid, record, snapshots), "gone": False}
         if ended.state == "lost":

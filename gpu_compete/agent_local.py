@@ -53,13 +53,6 @@ class OneMachine:
                 missing[uid] = known  # wiped by someone while it runs: put our record back
         return ended, missing
 
-    def alive(self, uid: str, record: dict[str, Any] | None, known: dict[str, Any] | None) -> bool:
-        """Whether a task we did not start in this process still runs: by the identity its
-        record (or the last whole record we read of it) names, or its supervisor's lock."""
-        return evidence.record_alive(record or known or {}, uid, self.namespace) or (
-            record is not None and bool(known) and evidence.record_alive(known, uid, self.namespace)
-        ) or evidence.supervisor_running(launcher.log_path(self.state, uid))
-
     def terminate(self, uid: str, record: dict[str, Any]) -> str | None:
         """SIGTERM to a running task (its supervisor forwards it to the task's group), `record`
         being the last whole one we read of it; the reason when nothing of it can be signalled

@@ -226,8 +226,6 @@ class Daemon(Reconciling, Outcomes, Placing):
             log.warning("registry records vanished; writing them back", uni_ids=sorted(missing))
             self.ledger.write(lambda data: [data.setdefault(u, r) for u, r in missing.items()])
 
-    # --- what tasks use ---------------------------------------------------------------------
-
     # --- status ----------------------------------------------------------------------------
 
     def dry_run(self) -> str:
