@@ -32,7 +32,7 @@ from gpu_compete.tasks import Queue, Task, group_queues  # noqa: E402
 def fake_daemon(specs, history: Path):
     queues = {q: Queue(Task(s) for s in ss) for q, ss in group_queues(specs).items()}
     return SimpleNamespace(queues=queues, tasks={t.uni_id: t for q in queues.values() for t in q},
-                           ledger=SimpleNamespace(journaled=set()),
+                           history=SimpleNamespace(journaled=set()),
                            config=SimpleNamespace(fresh=False, history=history))
 
 

@@ -32,7 +32,8 @@ from .gpus import open_probe
 from .gpus.base import GpuProbe, GpuSnapshot, current_user
 from .hostguard import GuardWatch, HostGuard
 from .outcomes import GHOST_S
-from .placing import dead_listed, descends, launch_record, roots_of, tree_on
+from .placing import dead_listed, descends, roots_of, tree_on
+from .records import Records, launch_fields
 from .registry import Registry, RegistryError, private_dirs
 from .tasks import TaskSpec
 from .timefmt import iso
@@ -91,6 +92,7 @@ class Agent(OneMachine):
                                           self.state / "history.jsonl")
         self.namespace = str(self.state)
         self.registry = Registry(self.paths.registry)
+        self.records = Records(self.registry)  # the node's registry: every write of ours goes through it
         self.probe = probe if probe is not None else open_probe(simulate=simulate, gpus=gpus, namespace=self.namespace)
         self.kill_grace = kill_grace
         self.heartbeat = self.state / "agent.alive"
@@ -176,20 +178,10 @@ class Agent(OneMachine):
             child = self.start(spec, keys, cuda_visible, attempt, timeout_s)
             created = procs.create_time(child.pid)
             now = iso(time.time())
-            fields = {"state": "running", "retry_count": retry_count, "gpu": keys[0], "node": self.node,
-                      "queue": spec.queue, "attempt": attempt, "supervisor_pid": child.pid,
-                      "supervisor_create_time": created, "started_at": now, "updated_at": now}
-            if len(keys) > 1:
-                fields["gpus"] = list(keys)  # a gpus=N task is confirmed, and left, on all of them
-            uid = spec.uni_id
-
-            def change(data: dict[str, Any]) -> None:
-                data[uid] = launch_record(data.get(uid), fields)
-
-            try:
-                self.registry.update(change, vital=False)
-            except RegistryError:
-                pass  # the supervisor records the task itself; its outcome does not depend on this
+            # (if the disk refuses it, the supervisor records the task itself, and this is
+            # written with the next write that works)
+            self.records.launched(spec.uni_id, launch_fields(keys, spec.queue, attempt, retry_count, child.pid,
+                                                            created, now, self.node))
         self._wake()
         return {"pid": child.pid, "create_time": created, "started_at": now}
 
@@ -206,9 +198,10 @@ class Agent(OneMachine):
         self._contact()
         self._wait(wait_s)
         with self.lock:
+            self.records.flush()  # what a failing disk refused before
             snapshots = self.probe.snapshot()
             try:
-                records = self.registry.read()
+                records = self.records.read()
             except RegistryError:
                 records = {}
             now = time.monotonic()
@@ -235,7 +228,7 @@ class Agent(OneMachine):
         {uid: {"gpu", "attempt", "state", "error_type"}}."""
         self._contact()
         try:
-            records = self.registry.read()
+            records = self.records.read()
         except RegistryError:
             records = {}
         wanted = set(uni_ids)
@@ -258,7 +251,7 @@ class Agent(OneMachine):
         `stopped`, so a restarted coordinator runs them again without counting a failure."""
         self._contact()
         try:
-            records = self.registry.read()
+            records = self.records.read()
         except RegistryError:
             records = {}
         chosen = [records.get(uid) or {} for uid in uni_ids]
@@ -295,17 +288,7 @@ class Agent(OneMachine):
         """`gpu-compete retry`: the ended records of these tasks forget their attempt, so a
         restarted coordinator does not take again an outcome the retry has set aside."""
         self._contact()
-
-        def change(data: dict[str, Any]) -> None:
-            for uid in uni_ids:
-                record = data.get(uid)
-                if isinstance(record, dict) and record.get("state") in ("normal_exit", "abnormal_exit"):
-                    record["attempt"] = 0
-
-        try:
-            self.registry.update(change)
-        except RegistryError:
-            pass  # a restarted coordinator may then count that ending once more
+        self.records.retried(uni_ids)
 
     def _record_stopped(self, uni_ids: list[str], records: dict[str, dict[str, Any]]) -> None:
         deadline = time.monotonic() + 5.0
@@ -315,15 +298,8 @@ class Agent(OneMachine):
         while time.monotonic() < deadline and any(procs.liveness(p) != "dead" for p in supervisors):
             time.sleep(0.05)  # their own last word first: ours goes on top of it
 
-        def change(data: dict[str, Any]) -> None:
-            for uid in uni_ids:
-                if isinstance(data.get(uid), dict):
-                    stopping.mark_stopped(data, uid, updated_at=iso(time.time()))
-
-        try:
-            self.registry.update(change)
-        except RegistryError:
-            pass  # they then count as failed attempts: the run goes on
+        now = iso(time.time())
+        self.records.stopped({uid: {"updated_at": now} for uid in uni_ids}, existing=True)
 
     def log(self, uni_id: str, tail_bytes: int | None = None) -> str | None:
         path = launcher.log_path(self.state, uni_id)

@@ -37,6 +37,7 @@ from .cluster_steering import ClusterSteering
 from .commandbook import CommandBook
 from .daemon import EXIT_STOPPED, Config, all_ended, exit_code
 from .gpus.base import GpuSnapshot, current_user
+from .history import History
 from .hooks import Hooks
 from .observe import Observer
 from .outcomes import say_failed
@@ -94,6 +95,9 @@ class Coordinator:
         self._told_too_large: set[str] = set()  # heads said (once) to fit no GPU of any node
         self.waiting_why: dict[str, str] = {}
         self.records: dict[str, dict[str, Any]] = {}  # uid -> its registry record, as its node last said
+        # The record of completions; a success line the disk refuses is kept and written with a
+        # later round (the nodes keep their records: nothing to take out of a registry here).
+        self.history = History(config.history, forget=lambda uids: None)
         self.draining = self.force = self.status_requested = False
         self.next_status = 0.0
         self.steer = ClusterSteering(self, book, follow)  # reloads and control requests
@@ -120,6 +124,7 @@ class Coordinator:
                 vram.restore(task, {"vram_gb_needed": entry.get("vram_gb_needed")}, fresh=False)
             elif task is not None and entry.get("state") == "retried":  # `retry`: a fresh budget
                 task.retry_count = 0
+        self.history.journaled = set(done)
         for uid, task in self.tasks.items():
             if uid in done:
                 task.state = TaskState.COMPLETED
@@ -190,6 +195,7 @@ class Coordinator:
 
     def tick(self, wait_s: float) -> None:
         """Hear from the agents (waiting up to `wait_s` for news), then plan and launch."""
+        self.history.flush()  # success lines a failing disk refused before
         self.steer.before_round(self.clock())
         now = self.clock()
         for node in self.agents.refresh():
@@ -375,11 +381,11 @@ class Coordinator:
         elif how["outcome"] == "normal_exit":
             self._release(task)
             task.state, task.error_type = TaskState.COMPLETED, None
-            self._append({"uni_id": task.uni_id, "state": "normal_exit", "queue": task.spec.queue,
-                          "node": node, "gpu": task.gpu, "attempt": task.retry_count + 1,
-                          "exit_status": how.get("exit_status"), "start": how.get("started_at"),
-                          "end": how.get("ended_at") or iso(self.wall()), **vram.usage_fields(task),
-                          "by": "coordinator"})
+            self.history.add_success(task.uni_id, {
+                "uni_id": task.uni_id, "state": "normal_exit", "queue": task.spec.queue, "node": node,
+                "gpu": task.gpu, "attempt": task.retry_count + 1, "exit_status": how.get("exit_status"),
+                "start": how.get("started_at"), "end": how.get("ended_at") or iso(self.wall()),
+                **vram.usage_fields(task), "by": "coordinator"})
             log.info("task completed", uni_id=task.uni_id, queue=task.spec.queue, gpu=task.gpu)
         else:
             self._failed(task, node, how.get("error_type") or "unknown", now, note=how.get("why"),
@@ -426,10 +432,7 @@ class Coordinator:
         self.gone.discard(task.uni_id)
 
     def _append(self, entry: dict[str, Any]) -> None:
-        try:
-            journal.append(self.config.history, entry)
-        except OSError as exc:
-            log.error("cannot append to the history", error=str(exc))
+        self.history.append(entry)
 
     # --- planning ---------------------------------------------------------------------------
 

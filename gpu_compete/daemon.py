@@ -4,7 +4,8 @@ A round: collect tasks that ended (from our children, the supervisors' history l
 registry), confirm launches that now show on their GPU, plan with the pure policy, launch,
 and write `status.json`. Signal handlers only set flags; the loop acts on them.
 
-The pieces live apart: `ledger` (registry and history writes that survive a full disk),
+The pieces live apart: `history` (its writes, kept through a full disk), the node's agent
+(`agent`: the GPUs, the supervisors, and the node's registry, `records`),
 `evidence` (is a task alive, how did it end), `stopping` (ending tasks on purpose),
 `wakeloop` (signals and sleeping), `policy` (every decision, pure).
 """
@@ -25,7 +26,6 @@ from . import (
     launcher,
     pidfile,
     status,
-    stopping,
 )
 from .gpus.base import (
     GpuProbe,
@@ -34,7 +34,7 @@ from .gpus.base import (
 )
 from .agent import Agent
 from .hooks import Hooks
-from .ledger import Ledger
+from .history import History
 from .observe import Observer
 from .outcomes import Outcomes
 from .placing import Placing
@@ -112,12 +112,12 @@ class Daemon(Reconciling, Outcomes, Placing):
         self.node = Agent(None, str(config.state_dir), str(config.work_dir), probe=probe, registry=config.registry,
                           kill_grace=config.kill_grace)
         self.namespace = self.node.namespace
-        self.registry = self.node.registry
-        self.ledger = Ledger(self.registry, config.history)
+        self.records = self.node.records  # the node's registry, which only the agent writes
+        self.problems = self.records.problems  # failing writes, said once (registry, history, status.json)
+        self.history = History(config.history, self.records.forget, self.problems)
         self.paths = self.node.paths
         self.queues = {q: Queue(Task(s) for s in ss) for q, ss in group_queues(specs).items()}
         self.tasks: dict[str, Task] = {t.uni_id: t for q in self.queues.values() for t in q}
-        self.known: dict[str, dict[str, Any]] = {}  # last registry record we wrote or saw, per task
         self.vacated: dict[str, float] = {}  # GPU our task has just left -> until when leftovers are looked for
         self.snapshots: list[GpuSnapshot] = []
         self.waiting_why: dict[str, str] = {}  # idle head -> why it did not start this round
@@ -134,6 +134,11 @@ class Daemon(Reconciling, Outcomes, Placing):
 
     # The node's facts, kept by its agent: supervisors we started, the pids seen on each
     # running task's GPUs, and pids of ended tasks not counted until when.
+
+    @property
+    def known(self) -> dict[str, dict[str, Any]]:
+        """The last whole registry record the agent wrote or we saw, per task."""
+        return self.records.known
 
     @property
     def children(self) -> dict[str, launcher.Child]:
@@ -176,9 +181,10 @@ class Daemon(Reconciling, Outcomes, Placing):
 
     def tick(self) -> None:
         now = self.clock()
-        self.ledger.flush()
+        self.history.flush()  # what a failing disk refused before: success lines first
+        self.records.flush()
         self.steer.before_round(now)
-        with self.ledger.batch():
+        with self.records.batch():
             self._collect(now)
             self.steer.after_collect(now)
             self.snapshots = self.node.snapshot()
@@ -208,7 +214,7 @@ class Daemon(Reconciling, Outcomes, Placing):
         if not running:
             return
         try:
-            records = self.registry.read()
+            records = self.records.read()
         except RegistryError as exc:
             log.warning("registry unreadable this round", error=str(exc))
             records = {}
@@ -224,13 +230,13 @@ class Daemon(Reconciling, Outcomes, Placing):
                 self._settle(task, how, records.get(task.uni_id) or {}, now, exit_status=rc or 0)
         if missing:
             log.warning("registry records vanished; writing them back", uni_ids=sorted(missing))
-            self.ledger.write(lambda data: [data.setdefault(u, r) for u, r in missing.items()])
+            self.records.put_back(missing)
 
     # --- status ----------------------------------------------------------------------------
 
     def dry_run(self) -> str:
         """Queues, expanded commands, and where the heads would start now; launches nothing."""
-        self.ledger.read_only = True
+        self.records.read_only = self.history.read_only = True
         self.resume()
         now = self.clock()
         self.snapshots = self.node.snapshot()
@@ -246,7 +252,7 @@ class Daemon(Reconciling, Outcomes, Placing):
     def view(self) -> dict[str, Any]:
         now = self.clock()
         try:
-            records = self.registry.read()
+            records = self.records.read()
         except RegistryError:
             records = {}
         view = self.observer.annotate(status.build(self.scene(), now, records))
@@ -259,9 +265,9 @@ class Daemon(Reconciling, Outcomes, Placing):
         try:
             status.write_json(self.config.state_dir / "status.json", view)
         except OSError as exc:
-            self.ledger.report("status.json", "cannot write status.json", exc)
+            self.problems.report("status.json", "cannot write status.json", exc)
         else:
-            self.ledger.report("status.json")
+            self.problems.report("status.json")
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -329,14 +335,10 @@ class Daemon(Reconciling, Outcomes, Placing):
         self.node.end_all([self.known.get(t.uni_id, {}) for t in running], self.clock)
         for uid in list(self.children):
             self._drop_child(uid)
-        stopped = {t.uni_id: t for t in running}
         now_iso = _iso(self.wall())
-
-        def change(data: dict[str, Any]) -> None:
-            for uid, task in stopped.items():  # (one that finished in the grace period is collected on restart)
-                stopping.mark_stopped(data, uid, retry_count=task.retry_count, retry_at=now_iso, updated_at=now_iso)
-
-        self.ledger.write(change)
+        # (one that finished in the grace period keeps its success, collected on restart)
+        self.records.stopped({t.uni_id: {"retry_count": t.retry_count, "retry_at": now_iso, "updated_at": now_iso}
+                              for t in running})
         for task in running:
             task.state, task.retry_at, task.error_type = TaskState.RETRY, 0.0, "stopped"
 

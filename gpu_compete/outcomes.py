@@ -59,13 +59,13 @@ class Outcomes:
         """uni_ids whose success lines appeared in the history since the last look. A task we
         did not think was running (an orphan of an earlier daemon finished) is completed too:
         a success in the history is never run again."""
-        successes = self.ledger.new_successes()
+        successes = self.history.new_successes()
         for uid in successes:
             task = self.tasks.get(uid)
             if task is not None and task.state in (TaskState.PENDING, TaskState.RETRY):
                 log.warning("a success was recorded for a task not known to run; counting it", uni_id=uid)
                 task.state = TaskState.COMPLETED
-                self.ledger.write(lambda data, uid=uid: data.pop(uid, None))
+                self.records.forget([uid])
         return successes
 
     def _task_ended(self, task: Task, now: float) -> None:
@@ -82,7 +82,7 @@ class Outcomes:
         task.state, task.error_type = TaskState.COMPLETED, None
         self._task_ended(task, now)
         self._sync_history()  # the supervisor may have written its line since this round began
-        self.ledger.add_success(uid, {
+        self.history.add_success(uid, {
             "uni_id": uid, "state": "normal_exit", "queue": task.spec.queue, "gpu": key_to_record(task.gpu),
             "attempt": task.retry_count + 1, "exit_status": exit_status,
             "start": record.get("started_at"), "end": _iso(self.wall()), "by": "daemon", **vram.usage_fields(task)})
@@ -90,7 +90,7 @@ class Outcomes:
         log.info("task completed", uni_id=uid, queue=task.spec.queue, gpu=task.gpu)
 
     def _lost(self, task: Task, why: str, now: float) -> None:
-        if not self.ledger.read_only:  # a dry run touches no process
+        if not self.records.read_only:  # a dry run touches no process
             self.node.end_leftovers(task.uni_id, self.known.get(task.uni_id, {}))
         self._failed(task, "lost", now, note=why)
 
@@ -115,14 +115,7 @@ class Outcomes:
             fields["retry_at"] = _iso(self.wall() + (decision.at - now))
         say_failed(task.uni_id, error_type, decision, permanent, now, note)
         uid = task.uni_id
-
-        def change(data: dict[str, Any]) -> None:
-            record = data.get(uid) if isinstance(data.get(uid), dict) else {}
-            record.update(fields)
-            record["updated_at"] = _iso(self.wall())
-            data[uid] = record
-
-        self.ledger.write(change, uid)
+        self.records.failed(uid, {**fields, "updated_at": _iso(self.wall())})
         known = self.known.get(uid, {})
         entry = {"uni_id": uid, "state": "abnormal_exit", "error_type": error_type, "queue": task.spec.queue,
                  "gpu": key_to_record(task.gpu), "attempt": decision.retry_count, "start": known.get("started_at"),
@@ -131,4 +124,4 @@ class Outcomes:
             entry["vram_gb_needed"] = fields["vram_gb_needed"]
         if fields.get("gave_up"):
             entry["gave_up"] = True
-        self.ledger.append(entry)
+        self.history.append(entry)

@@ -14,10 +14,10 @@ from . import launcher, procs, vram
 from .gpus.base import (
     PID_NAMESPACE_WARNING,
     GpuSnapshot,
-    key_to_record,
     pid_namespace_mismatch,
     without_owners,
 )
+from .records import launch_fields
 from .policy import (
     Placement,
     build_views,
@@ -32,9 +32,6 @@ from .tasks import GIB, Task, TaskState
 from .timefmt import iso as _iso
 
 log = structlog.get_logger("gpu_compete")
-# What a record says of one attempt, dropped when the next attempt starts.
-_ATTEMPT_FIELDS = ("error_type", "retry_at", "gave_up", "exit_status", "ended_at", "pgid", "exec_pid",
-                   "peak_vram_gb", "peak_gpu", "gpus")
 
 
 class Placing:
@@ -162,8 +159,8 @@ class Placing:
         self.observer.planning(v.key for v in views if fits(v, smallest, self.config.exclusive))
         snaps = {s.key: s for s in self.snapshots}
         plan = plan_round(cands, views, self.rng, self.config.exclusive, self.config.pick)
-        if any(launch.uni_id in self.ledger.touched for launch in plan):
-            self.ledger.write_pending()  # a failure recorded this round lands before its retry starts
+        if any(launch.uni_id in self.records.touched for launch in plan):
+            self.records.write_pending()  # a failure recorded this round lands before its retry starts
         for launch in plan:
             self._launch(self.tasks[launch.uni_id], [snaps[key] for key in launch.gpus], now)
         self._explain_waits(cands, {launch.uni_id for launch in plan})
@@ -199,21 +196,9 @@ class Placing:
         task.state, task.gpu, task.launched_at, task.confirmed, task.adopted = TaskState.RUNNING, gpu, now, False, False
         task.gpus = keys if len(keys) > 1 else ()
         task.peak_vram_bytes, task.peak_gpu, task.peak_written = None, None, 0
-        fields: dict[str, Any] = {
-            "state": "running", "retry_count": task.retry_count, "gpu": key_to_record(gpu),
-            "queue": task.spec.queue, "attempt": attempt, "supervisor_pid": child.pid,
-            "supervisor_create_time": procs.create_time(child.pid),
-            "started_at": _iso(self.wall()), "updated_at": _iso(self.wall())}
-        if task.gpus:
-            fields["gpus"] = [key_to_record(k) for k in task.gpus]
         uid = task.uni_id
-
-        def change(data: dict[str, Any]) -> None:
-            record = launch_record(data.get(uid), fields)
-            data[uid] = record
-            self.known[uid] = dict(record)
-
-        self.ledger.write(change, vital=False)  # says what runs: a power cut makes it untrue anyway
+        self.records.launched(uid, launch_fields(keys, task.spec.queue, attempt, task.retry_count, child.pid,
+                                                 procs.create_time(child.pid), _iso(self.wall())))
         log.info("task started", uni_id=uid, queue=task.spec.queue, gpu=gpu, attempt=attempt, pid=child.pid)
 
     def _watch_vram(self) -> None:
@@ -222,11 +207,7 @@ class Placing:
                    if t.state is TaskState.RUNNING and t.gpu_keys}
         grown = vram.update_peaks(self.vram, self.snapshots, running, not self.config.exclusive) if running else {}
         if grown:
-            def change(data: dict[str, Any]) -> None:
-                for uid, fields in grown.items():
-                    if isinstance(data.get(uid), dict):
-                        data[uid].update(fields)
-            self.ledger.write(change)
+            self.records.peaks(grown)
 
 
 def explain_waits(cands: list, launched: set[str], snapshots: list[GpuSnapshot], exclusive: bool,
@@ -255,21 +236,6 @@ def explain_waits(cands: list, launched: set[str], snapshots: list[GpuSnapshot],
 
 def _gb(size: int) -> str:
     return f"{size / GIB:.1f}".removesuffix(".0")
-
-
-def launch_record(old: object, fields: dict[str, Any]) -> dict[str, Any]:
-    """A task's registry record once its supervisor (`fields["supervisor_pid"]`) has started."""
-    old = old if isinstance(old, dict) else {}
-    sup = fields["supervisor_pid"]
-    if old.get("exec_pid") == sup:
-        # This attempt's supervisor wrote first (a fast task may even have ended): what it
-        # recorded (worker pid, group, final state, error type) stays.
-        return {**old, **{k: v for k, v in fields.items() if k != "state"}}
-    # Fields of the previous attempt go; its process group above all, which must never be
-    # taken for this attempt's.
-    record = {k: v for k, v in old.items() if k not in _ATTEMPT_FIELDS}
-    record.update(fields, pid=sup, create_time=fields["supervisor_create_time"])
-    return record
 
 
 def roots_of(record: dict[str, Any], child: launcher.Child | None) -> set[int]:

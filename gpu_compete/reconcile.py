@@ -31,14 +31,14 @@ class Reconciling:
             self.steer.migrate()
             # One read, and the tail goes on from where it ended: a success appended while we
             # start is then either in this read or in the first round's, never in neither.
-            past = self.ledger.history.new_entries(strict=True)
+            past = self.history.tail.new_entries(strict=True)
         except OSError as exc:
             raise DaemonError(f"cannot read {self.config.history}: {exc.strerror or exc}") from None
-        self.ledger.journaled = journal.completed(past)
+        self.history.journaled = journal.completed(past)
         gave_up = {} if self.config.fresh else journal.failed_for_good(past)
-        done = set() if self.config.fresh else set(self.ledger.journaled)
+        done = set() if self.config.fresh else set(self.history.journaled)
         try:
-            records = self.registry.read()
+            records = self.records.read()
         except RegistryError as exc:
             log.error("registry unreadable; starting without it", error=str(exc))
             records = {}
@@ -94,7 +94,7 @@ class Reconciling:
             else:
                 self._failed(task, self._why(task, record), now)
         if stale:
-            self.ledger.write(lambda data: [data.pop(u, None) for u in stale])
+            self.records.forget(stale)
         self.steer.restore()
 
     def _adopt(self, task: Task, record: dict[str, Any], now: float) -> None:

@@ -125,8 +125,8 @@ class Steering(Orders):
     def migrate(self) -> None:
         """Carry a history written with position-based uni_ids over to today's ids."""
         d = self.d
-        aliases = legacy.migrate(list(self._specs()), d.config.history, d.registry,
-                                 lambda uid, rec: d._alive(uid, rec), write=not d.ledger.read_only)
+        aliases = legacy.migrate(list(self._specs()), d.config.history, d.node.registry,
+                                 lambda uid, rec: d._alive(uid, rec), write=not d.records.read_only)
         if aliases:
             if self.book is not None:
                 self.book.aliases = aliases
@@ -197,39 +197,25 @@ class Steering(Orders):
         skip = kill["skip"]
         task.error_type = "stopped"
         task.state, task.retry_at = (TaskState.SKIPPED, 0.0) if skip else (TaskState.RETRY, now)
-
-        def change(data: dict[str, Any]) -> None:
-            record = data.get(uid) if isinstance(data.get(uid), dict) else {}
-            record.update(state="abnormal_exit", error_type="stopped", retry_count=task.retry_count)
-            data[uid] = record
-
-        self.d.ledger.write(change)
-        self.d.ledger.append({"uni_id": uid, "state": "stopped", "queue": task.spec.queue,
+        self.d.records.stopped({uid: {"retry_count": task.retry_count}})
+        self.d.history.append({"uni_id": uid, "state": "stopped", "queue": task.spec.queue,
                               "attempt": task.retry_count + 1, "by": "kill"})
         if skip:
-            self.d.ledger.append({"uni_id": uid, "state": "skipped", "queue": task.spec.queue})
+            self.d.history.append({"uni_id": uid, "state": "skipped", "queue": task.spec.queue})
         log.warning("task stopped by request", uni_id=uid, skip=skip)
         return True
 
     # --- what the requests do to this machine (`orders`) -------------------------------------
 
     def _record(self, entry: dict[str, Any]) -> None:
-        self.d.ledger.append(entry)
+        self.d.history.append(entry)
 
     def _journaled(self) -> set[str]:
-        return self.d.ledger.journaled
+        return self.d.history.journaled
 
     def _reset_records(self, uid: str) -> None:
         """After `retry`: the registry record forgets the give-up and the count."""
-
-        def change(data: dict[str, Any]) -> None:
-            record = data.get(uid)
-            if isinstance(record, dict):
-                for key in ("gave_up", "retry_at"):
-                    record.pop(key, None)
-                record["retry_count"] = 0
-
-        self.d.ledger.write(change)
+        self.d.records.retried([uid])
 
     def _end(self, task: Task) -> str | None:
         """SIGTERM to a running task, through the daemon's agent; why not, when it cannot."""

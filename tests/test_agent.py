@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import signal
 import time
@@ -9,6 +11,7 @@ import time
 import pytest
 
 from gpu_compete.agent import Agent
+from gpu_compete.registry import Registry
 from gpu_compete.tasks import TaskSpec, make_uni_id
 
 from .helpers import wait_for
@@ -43,7 +46,8 @@ def test_gpus_are_named_after_the_node_and_files_live_in_its_directory(agent, tm
     assert "on 1 at n1" in agent.log(task.uni_id)
     node = tmp_path / "state" / "nodes" / "n1"
     assert (node / "logs" / f"{task.uni_id}.log").exists()
-    assert '"node": "n1"' in (node / "uni_id.json").read_text()
+    record = json.loads((node / "uni_id.json").read_text())[task.uni_id]
+    assert record["node"] == "n1" and record["gpu"] == 1  # a whole GPU as its index, as wrapped scripts write it
 
 
 def test_a_running_task_is_confirmed_on_its_gpu_and_its_end_wakes_the_wait(agent):
@@ -170,3 +174,25 @@ def test_end_says_the_task_runs_until_its_kill_is_done(agent):
     assert 1.0 <= seen[-1][0] < 9  # after the grace, and woken when the kill was done, not at 10 s
     assert all(h["state"] == "running" and not h["gone"] for _, h in seen[:-1]), seen
     assert not procs.processes_with_env(**{evidence.UNI_ID_ENV: uid, evidence.NAMESPACE_ENV: agent.namespace})
+
+
+def test_a_record_the_disk_refuses_is_written_once_it_works(agent, monkeypatch):
+    """The node's registry writes survive a full disk as the daemon's do: `kill --stopped`
+    cannot write that the task was stopped (ENOSPC), the change is kept, and the next observe
+    after the disk works writes it, so a restarted coordinator runs the task again without
+    counting a failure."""
+    task = spec("sleep 30")
+    uid = task.uni_id
+    agent.launch(task, ["0"], ["0"], attempt=1, retry_count=0)
+    wait_for(lambda: _record(agent, uid).get("exec_pid"), 10, "the supervisor's record")
+
+    def enospc(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(Registry, "_write", enospc)  # this process's writes only: the supervisor's are its own
+        agent.kill([uid], stopped=True)
+        assert agent.observe([uid])["tasks"][uid]["state"] == "ended"
+    assert _record(agent, uid).get("error_type") != "stopped"  # the supervisor's own last word, so far
+    agent.observe([uid])
+    assert _record(agent, uid)["error_type"] == "stopped"

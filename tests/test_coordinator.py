@@ -466,3 +466,27 @@ def test_a_node_not_heard_from_yet_is_asked_not_to_wait_so_the_first_tasks_start
     run.agents.add("n2")
     run.rounds(until=lambda: "n2" in c.node_snapshots, timeout=20)
     assert time.monotonic() - start < 20
+
+
+def test_a_success_the_disk_refuses_is_written_to_the_history_once_it_works(tmp_path, stop_all, monkeypatch):
+    """The coordinator's history is the record of completions: a success line that cannot be
+    appended (ENOSPC) is kept and written by a later round, once, as on one machine."""
+    import errno
+
+    from gpu_compete import journal
+
+    run = Run(tmp_path, [("1", 0.2)], ["n1"])
+    stop_all(run)
+    uid = run.specs[0].uni_id
+
+    def enospc(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(journal, "append", enospc)
+        run.rounds(until=lambda: run.coordinator.tasks[uid].state is TaskState.COMPLETED)
+        assert run.history() == []
+    run.coordinator.tick(0)
+    assert [(h["uni_id"], h["state"]) for h in run.history()] == [(uid, "normal_exit")]
+    run.coordinator.tick(0)
+    assert len(run.history()) == 1

@@ -15,7 +15,7 @@ def daemon(text, history):
     specs = parse(text).tasks
     queues = {q: Queue(Task(s) for s in ss) for q, ss in group_queues(specs).items()}
     return SimpleNamespace(queues=queues, tasks={t.uni_id: t for q in queues.values() for t in q},
-                           ledger=SimpleNamespace(journaled=set()),
+                           history=SimpleNamespace(journaled=set()),
                            config=SimpleNamespace(fresh=False, history=history))
 
 
@@ -61,7 +61,7 @@ def test_an_added_task_remembers_completion_skip_and_give_up_from_the_history(tm
     history = tmp_path / "h"
     d = daemon(blocks("a"), history)
     later = parse(blocks("a", "done", "skipped", "failed")).tasks
-    d.ledger.journaled = {later[1].uni_id}
+    d.history.journaled = {later[1].uni_id}
     history.write_text(json.dumps({"uni_id": later[2].uni_id, "state": "skipped"}) + "\n"
                        + json.dumps({"uni_id": later[3].uni_id, "state": "abnormal_exit", "gave_up": True,
                                      "error_type": "oom"}) + "\n")
