@@ -17,13 +17,14 @@ from typing import Any, Callable
 import structlog
 
 from . import journal
-from .registry import Registry, RegistryError
+from .records import Records
+from .registry import RegistryError
 from .tasks import TaskSpec
 
 log = structlog.get_logger("gpu_compete")
 
 
-def migrate(specs: list[TaskSpec], history: Path, registry: Registry,
+def migrate(specs: list[TaskSpec], history: Path, records: Records,
             alive: Callable[[str, dict[str, Any]], bool], *, write: bool = True) -> dict[str, str]:
     """Carry old-id history and records over to the new ids; return {new id: old id} for the
     tasks that still run under their old id. With `write=False` (a dry run) nothing is
@@ -34,19 +35,19 @@ def migrate(specs: list[TaskSpec], history: Path, registry: Registry,
         if isinstance(uid, str):
             lines.setdefault(uid, []).append(entry)
     try:
-        records = registry.read()
+        found_records = records.read()
     except RegistryError:
-        records = {}
+        found_records = {}
     wanted = {s.legacy_uni_id: s.uni_id for s in specs
-              if s.uni_id not in lines and s.uni_id not in records}
-    found = {old: new for old, new in wanted.items() if old in lines or old in records}
+              if s.uni_id not in lines and s.uni_id not in found_records}
+    found = {old: new for old, new in wanted.items() if old in lines or old in found_records}
     if not found:
         return {}
     if not write:
         return {new: old for old, new in found.items()}
     aliases, renamed, copied = {}, {}, 0
     for old, new in found.items():
-        record = records.get(old)
+        record = found_records.get(old)
         if record is not None and record.get("state") == "running" and alive(old, record):
             aliases[new] = old
             continue
@@ -55,17 +56,8 @@ def migrate(specs: list[TaskSpec], history: Path, registry: Registry,
             copied += 1
         if record is not None:
             renamed[old] = new
-
-    def rename(data: dict[str, Any]) -> None:
-        for old, new in renamed.items():
-            if old in data and new not in data:
-                data[new] = data.pop(old)
-
-    if renamed:
-        try:
-            registry.update(rename)
-        except RegistryError as exc:  # the history lines already carry what matters most
-            log.error("cannot rename registry records to the new uni_ids", error=str(exc))
+    if renamed:  # (a disk that refuses it: the agent writes it with a later round)
+        records.renamed(renamed)
     log.info("carried tasks over from position-based uni_ids", tasks=len(found) - len(aliases),
              history_lines=copied, records=len(renamed), still_running_under_old_id=sorted(aliases.values()))
     return aliases

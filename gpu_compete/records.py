@@ -138,6 +138,15 @@ class Records:
 
         self._write(change)
 
+    def renamed(self, names: dict[str, str]) -> None:
+        """Records carried over to new uni_ids ({old: new}; `legacy.py`), unless one is taken."""
+        def change(data: dict[str, Any]) -> None:
+            for old, new in names.items():
+                if old in data and new not in data:
+                    data[new] = data.pop(old)
+
+        self._write(change)
+
     def forget(self, uids: Iterable[str]) -> None:
         """These records leave the registry (their successes are in the history)."""
         chosen = list(uids)

@@ -125,7 +125,7 @@ class Steering(Orders):
     def migrate(self) -> None:
         """Carry a history written with position-based uni_ids over to today's ids."""
         d = self.d
-        aliases = legacy.migrate(list(self._specs()), d.config.history, d.node.registry,
+        aliases = legacy.migrate(list(self._specs()), d.config.history, d.records,
                                  lambda uid, rec: d._alive(uid, rec), write=not d.records.read_only)
         if aliases:
             if self.book is not None:

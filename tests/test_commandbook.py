@@ -12,6 +12,7 @@ import pytest
 from gpu_compete import legacy
 from gpu_compete.appender import AddError, append, block_text
 from gpu_compete.commandbook import CommandBook, diff
+from gpu_compete.records import Records
 from gpu_compete.commandfile import load, parse
 from gpu_compete.registry import Registry
 
@@ -213,10 +214,10 @@ def test_position_based_ids_are_carried_over(tmp_path):
     registry = Registry(tmp_path / "uni_id.json")
     registry.set(specs[1].legacy_uni_id, state="abnormal_exit", error_type="oom", retry_count=2)
     registry.set(specs[2].legacy_uni_id, state="running", pid=os.getpid())
-    aliases = legacy.migrate(specs, history, registry, lambda uid, rec: uid == specs[2].legacy_uni_id)
+    aliases = legacy.migrate(specs, history, Records(registry), lambda uid, rec: uid == specs[2].legacy_uni_id)
     assert aliases == {specs[2].uni_id: specs[2].legacy_uni_id}
     from gpu_compete import journal
     assert specs[0].uni_id in journal.completed(history)
     records = registry.read()
     assert records[specs[1].uni_id]["retry_count"] == 2 and specs[1].legacy_uni_id not in records
-    assert legacy.migrate(specs, history, registry, lambda *_: False) == {}  # once only
+    assert legacy.migrate(specs, history, Records(registry), lambda *_: False) == {}  # once only
