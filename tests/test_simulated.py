@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from gpu_compete.gpus import ScopeError, current_user, open_probe
@@ -186,6 +187,41 @@ def test_a_claim_seen_before_exec_is_read_again_after_it(children, monkeypatch):
                  "the process, not yet exec'd, with its parent's claim")
         open(go, "w").close()
         wait_for(lambda: {p.pid: p.used_bytes for p in probe.snapshot()[0].processes}.get(proc.pid) == 9 * GIB, 10,
+                 "its own claim once it has exec'd")
+    finally:
+        if os.path.exists(go):
+            os.unlink(go)
+
+
+def test_a_forked_child_that_execs_late_is_read_again_after_it(children, monkeypatch):
+    """A child that has not exec'd yet shows its parent's command line and environment; on a
+    loaded machine it can stay so past the short settle time. Its claim (its parent's) is not
+    remembered while its command line is its parent's, so once it execs with a claim of its
+    own, that is what it holds. (The longer grace is widened so that the test does not race it.)"""
+    from gpu_compete.gpus import simulated
+
+    monkeypatch.setattr(simulated, "_EXEC_GRACE_S", 30.0)
+    probe = SimulatedProbe(parse_spec("1x24"), namespace=NS)
+    script = ("import os, sys, time\npid = os.fork()\nif pid == 0:\n"
+              "    while not os.path.exists(sys.argv[1]): time.sleep(0.01)\n"
+              "    os.execvpe('sleep', ['sleep', '60'], dict(os.environ, GPU_COMPETE_VRAM_GB='9'))\n"
+              "os.wait()\n")
+    go = f"/tmp/gc-fork-gate-{os.getpid()}"
+    proc = subprocess.Popen([sys.executable, "-c", script, go], start_new_session=True,
+                            env=dict(os.environ, CUDA_VISIBLE_DEVICES="0", GPU_COMPETE_VRAM_GB="2",
+                                     GPU_COMPETE_NAMESPACE=NS))
+    children.append(proc)
+    try:
+        kid = wait_for(lambda: [c.pid for c in psutil.Process(proc.pid).children()], 10, "the fork")[0]
+        born = psutil.Process(kid).create_time()
+
+        def read_past_settle():
+            probe.snapshot()
+            return time.time() - born > 3 * simulated._CLAIM_SETTLE_S
+
+        wait_for(read_past_settle, 10, "the probe to read the fork past the settle time")
+        open(go, "w").close()
+        wait_for(lambda: {p.pid: p.used_bytes for p in probe.snapshot()[0].processes}.get(kid) == 9 * GIB, 10,
                  "its own claim once it has exec'd")
     finally:
         if os.path.exists(go):

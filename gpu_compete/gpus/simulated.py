@@ -45,9 +45,10 @@ NAMESPACE_ENV = "GPU_COMPETE_NAMESPACE"
 # A process younger than this may be between fork and exec, still showing its parent's
 # environment: no claim read from it is remembered, it is read again next time.
 _EXEC_GRACE_S = 1.0
-# ... and a claim (its parent's, maybe) is remembered only once read from a process this old:
-# shorter, since every new task process is read each round until then (fork to exec takes
-# milliseconds, even on a busy machine).
+# ... and a claim (its parent's, maybe) is remembered only once read from a process this old
+# whose command line is no longer its parent's (it has exec'd): shorter, since every new task
+# process is read each round until then. One still showing its parent's command line may not
+# have exec'd yet (on a loaded machine that can take longer than this): _EXEC_GRACE_S.
 _CLAIM_SETTLE_S = 0.2
 # How long a process that is no task of ours goes unread before its pid is looked at again.
 _IGNORE_S = 1.0
@@ -189,7 +190,8 @@ class SimulatedProbe:
                 claim, created = _claim_pid(pid, uid, self.namespace)
                 # A young process may be between fork and exec, showing its parent's
                 # environment (no claim, or the parent's): used now, read again next time.
-                if created is None or now - created >= (_EXEC_GRACE_S if claim is None else _CLAIM_SETTLE_S):
+                settle = _EXEC_GRACE_S if claim is None or _parents_image(pid, ppid) else _CLAIM_SETTLE_S
+                if created is None or now - created >= settle:
                     self._seen[key] = claim
                     if claim is None:
                         self._ignored[pid] = now + _IGNORE_S
@@ -289,6 +291,14 @@ def _claim_pid(pid: int, uid: int, namespace: str | None) -> tuple[tuple[tuple[i
         return (None if claim is None else (claim[0], claim[1], created)), created
     except psutil.Error:
         return None, None
+
+
+def _parents_image(pid: int, ppid: int) -> bool:
+    """Whether the process still shows its parent's command line: it may not have exec'd yet."""
+    try:
+        return psutil.Process(pid).cmdline() == psutil.Process(ppid).cmdline()
+    except psutil.Error:
+        return False
 
 
 def _claim(proc: psutil.Process, namespace: str | None) -> tuple[tuple[int, ...], int] | None:
