@@ -51,7 +51,8 @@ def run_on_cluster(address: str, config: Config, specs: list[TaskSpec], *, simul
     """`serve_metrics()`: starts the metrics server (--metrics-port) once the state directory
     is ours, and returns it (or None); it serves what the coordinator writes there."""
     from . import cluster
-    from .coordinator import Coordinator, contact_s
+    from .coordinator import Coordinator
+    from .node_contact import contact_s
 
     try:
         cluster.connect(address)

@@ -10,7 +10,7 @@ Each agent always has one `observe` call in flight, which returns as soon as a t
 node ends (or says its processes are gone) or after `--poll` seconds: a GPU that frees on any
 node is planned for within milliseconds, and no node is asked more often than it has news.
 
-Between rounds it waits for its agents in slices of `WAIT_SLICE_S`, answering the control
+Between rounds it waits for its agents in slices of `node_contact.WAIT_SLICE_S`, answering the control
 socket (`cluster_steering`) and seeing signals in between: Ray's wait ends for neither.
 
 Failures: an agent that dies while its node lives is started again at once and adopts its
@@ -32,36 +32,21 @@ from typing import Any, Callable
 import structlog
 
 from . import journal, status, vram
-from .classify import is_permanent
+from .cluster_outcomes import ClusterOutcomes
 from .cluster_steering import ClusterSteering
 from .commandbook import CommandBook
 from .daemon import EXIT_STOPPED, Config, all_ended, exit_code
 from .gpus.base import GpuSnapshot, current_user
 from .history import History
 from .hooks import Hooks
+from .node_contact import NodeContact
 from .observe import Observer
-from .outcomes import say_failed
 from .placing import explain_waits
 from .policy import Placement, build_views, candidates, fits, lease_active, plan_round
 from .tasks import Queue, Task, TaskSpec, TaskState, group_queues
-from .timefmt import iso
 from .wakeloop import WakeLoop, set_flags
 
 log = structlog.get_logger("gpu_compete")
-#: Seconds a coordinator waits, beyond --node-timeout, before it runs elsewhere what ran on a
-#: node it does not hear from (the node's supervisors end their tasks at --node-timeout).
-FENCE_MARGIN_S = 2.0
-#: Seconds beyond --poll an agent keeps its node's heartbeat going without a call from the
-#: coordinator (its observe calls come once per --poll at the least): past that, a node cut
-#: off from a live coordinator lets its tasks' fence run out (Agent.should_beat).
-CONTACT_SLACK_S = 2.0
-#: Seconds the coordinator waits for its agents at a stretch before it looks at the control
-#: socket and at signals (Ray's wait does not end for either).
-WAIT_SLICE_S = 0.1
-
-
-def contact_s(poll: float) -> float:
-    return poll + CONTACT_SLACK_S
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -69,7 +54,7 @@ def split_key(key: str) -> tuple[str, str]:
     return node, local
 
 
-class Coordinator:
+class Coordinator(NodeContact, ClusterOutcomes):
     def __init__(self, config: Config, specs: list[TaskSpec], agents: Any, *, node_timeout: float = 30.0,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  rng: random.Random | None = None, out: Callable[[str], None] = print,
@@ -226,213 +211,6 @@ class Coordinator:
         if not self.draining and not self.force:
             self._plan_and_launch(now)
         self._write_status()
-
-    def _wait(self, wait_s: float) -> list[tuple[str, Any]]:
-        """The agents' answers that come within `wait_s`: waited for in slices, between which
-        control requests are answered and signals seen; a request that changes what may
-        start (or a signal) ends the wait, so its round runs at once."""
-        deadline = self.clock() + wait_s
-        while True:
-            remaining = deadline - self.clock()
-            if self.inflight:
-                results = self.agents.gather(self.inflight, max(0.0, min(remaining, WAIT_SLICE_S)))
-                if results:
-                    return results
-            elif remaining > 0:
-                time.sleep(min(remaining, WAIT_SLICE_S))  # no node to hear from: look again later
-            if self.loop is not None and self.loop.serve():
-                return []
-            if self.clock() >= deadline:
-                return []
-
-    def _keep_contact(self, slow: str) -> None:
-        """After a slow call, a word to every other agent: its heartbeat goes on while it hears
-        from us (`Agent.should_beat`), and a round stuck on one node must not let the others'
-        tasks be fenced."""
-        for node in self.agents.nodes:
-            if node != slow:
-                try:
-                    self.agents.submit(node, "ping")  # not waited for
-                except Exception:  # noqa: BLE001 - a node in trouble is found by its observe
-                    pass
-
-    def _ask_all(self) -> None:
-        """One observe call in flight per node; a node not heard from yet (new, or back) is
-        asked not to wait, so its GPUs are planned for at once, not a --poll later."""
-        for node in self.agents.nodes:
-            if node not in self.inflight:
-                expected = [u for u, n in self.where.items() if n == node]
-                wait = self.config.poll if node in self.node_snapshots else 0.0
-                self.inflight[node] = (self.agents.submit(node, "observe", expected, wait), self.clock())
-
-    def _heard(self, node: str, result: dict[str, Any], now: float) -> None:
-        self.node_snapshots[node] = result["snapshots"]
-        self.node_ghosts[node] = set(result.get("ghosts", ()))
-        self._guard(node, result.get("guard"))
-        for uid, how in result["tasks"].items():
-            if "record" in how and uid in self.tasks:
-                row = how["record"]
-                self.records[uid] = {**row, "node": node,
-                                     "gpu": f"{node}/{row['gpu']}" if row.get("gpu") is not None else None}
-            task = self.tasks.get(uid)
-            if task is None or self.where.get(uid) != node:
-                if how["state"] == "running" and uid in self.tasks:
-                    self._stray(uid, node, now)
-                continue
-            if how["state"] == "running":
-                task.confirmed = task.confirmed or how["confirmed"]
-                vram.note_usage(task, how.get("vram") or {}, not self.config.exclusive)
-                if how["gone"]:
-                    self.gone.add(uid)
-            elif how["state"] == "ended":
-                self._ended(task, node, how, now)
-            else:  # the node knows nothing of it: its agent never started it
-                self._failed(task, node, "lost", now, note="its node has no trace of it")
-
-    def _guard(self, node: str, guard: dict[str, str] | None) -> None:
-        """A node's host guard (--min-free-ram, --min-free-disk): nothing starts there while it
-        holds; said when it starts holding and when it lets go, not every round."""
-        was = self.node_guards.pop(node, None)
-        if guard:
-            self.node_guards[node] = guard
-            if was is None:
-                log.warning("host guard holds a node; nothing starts there until it clears", node=node,
-                            why=guard.get("why"))
-        elif was is not None:
-            log.info("host guard released; tasks start on the node again", node=node, was=was.get("why"))
-
-    def _joined(self, node: str) -> None:
-        """A node with a new agent: one that joined, came back, or whose agent was replaced."""
-        if node not in self.seen_nodes:
-            self.seen_nodes.add(node)
-            log.info("node joined", node=node)
-        back = [u for u, n in self.abandoned.items() if n == node]
-        if not back:
-            return
-        try:
-            found = self.agents.call(node, "find", back, timeout=self.node_timeout)
-        except Exception as exc:  # noqa: BLE001 - a node that fails again is handled next round
-            log.warning("returning node did not answer", node=node, error=str(exc))
-            return
-        now = self.clock()
-        for uid in back:
-            self.abandoned.pop(uid, None)
-            if uid in found:
-                self._stray(uid, node, now, found[uid])
-
-    def _stray(self, uid: str, node: str, now: float, info: dict[str, Any] | None = None) -> None:
-        """A copy of a task running on a node we had given up on: adopted again if the task
-        has not started anywhere since, ended otherwise (never two copies)."""
-        task = self.tasks[uid]
-        if task.state in (TaskState.PENDING, TaskState.RETRY):
-            log.warning("task found still running on a node that came back; adopting it", uni_id=uid, node=node)
-            self._adopt(task, node, info or {}, now)
-        elif self.where.get(uid) != node:
-            log.warning("task found running on a node that came back while it runs or ran elsewhere; "
-                        "ending that copy", uni_id=uid, node=node)
-            self.agents.submit(node, "kill", [uid])
-
-    def _patience(self) -> float:
-        """How long a node may go unheard before its tasks count as lost: how long its agent
-        goes on beating without a call (`contact_s`), the --node-timeout, and a margin, so that
-        the supervisors' fence (--node-timeout after the node's last heartbeat) has ended the
-        old copies before they run elsewhere."""
-        return contact_s(self.config.poll) + self.node_timeout + FENCE_MARGIN_S
-
-    def _agent_failed(self, node: str, exc: Exception, asked: float) -> None:
-        """A dead agent on a live node is replaced (the next refresh starts a new one, which
-        adopts the node's tasks); until the node answers again it is unreachable, and its tasks
-        are lost once that has lasted `_patience()`."""
-        self.agents.forget(node)
-        self.node_snapshots.pop(node, None)
-        if node not in self.unreachable:
-            log.warning("node not answering; a new agent is asked for while it is alive, and its running tasks "
-                        f"count as lost if it is not back within {self.node_timeout:g} s", node=node,
-                        error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        self.unreachable.setdefault(node, asked)
-
-    def _unreachable(self, node: str, why: str, since: float) -> None:
-        self.node_snapshots.pop(node, None)
-        if node not in self.unreachable:
-            log.warning(f"node unreachable ({why}); its running tasks count as lost if it is not back within "
-                        f"{self.node_timeout:g} s", node=node)
-        self.unreachable.setdefault(node, since)
-
-    def _node_gone(self, node: str, why: str, now: float) -> None:
-        self.node_snapshots.pop(node, None)
-        self.node_ghosts.pop(node, None)
-        self.node_guards.pop(node, None)
-        lost = [t for u, t in self.tasks.items() if self.where.get(u) == node]
-        if lost:
-            log.error("node gone; its running tasks are lost and run again elsewhere", node=node, why=why,
-                      tasks=[t.uni_id for t in lost])
-        for task in lost:
-            self.abandoned[task.uni_id] = node
-            self._failed(task, node, "lost", now, note=why)
-
-    # --- outcomes ---------------------------------------------------------------------------
-
-    def _ended(self, task: Task, node: str, how: dict[str, Any], now: float) -> None:
-        by_stop = how.get("error_type") == "stopped" and task.uni_id not in self.steer.killing  # (a kill: _failed)
-        if how["outcome"] == "abnormal_exit" and by_stop:
-            # Ended on purpose (`stop --kill`, or a `kill` asked of an earlier coordinator): its
-            # node's record says so. It runs again, not counted as a failure.
-            self.stopped(task, node, now, by="kill or stop --kill")
-        elif how["outcome"] == "normal_exit":
-            self._release(task)
-            task.state, task.error_type = TaskState.COMPLETED, None
-            self.history.add_success(task.uni_id, {
-                "uni_id": task.uni_id, "state": "normal_exit", "queue": task.spec.queue, "node": node,
-                "gpu": task.gpu, "attempt": task.retry_count + 1, "exit_status": how.get("exit_status"),
-                "start": how.get("started_at"), "end": how.get("ended_at") or iso(self.wall()),
-                **vram.usage_fields(task), "by": "coordinator"})
-            log.info("task completed", uni_id=task.uni_id, queue=task.spec.queue, gpu=task.gpu)
-        else:
-            self._failed(task, node, how.get("error_type") or "unknown", now, note=how.get("why"),
-                         how=how)
-
-    def stopped(self, task: Task, node: str, now: float, *, by: str, skip: bool = False) -> None:
-        """Ended on purpose (`kill`, `stop --kill`): not a failure; it runs again at the next
-        round, or is skipped."""
-        self._release(task)
-        task.state, task.retry_at = (TaskState.SKIPPED, 0.0) if skip else (TaskState.RETRY, now)
-        task.error_type = "stopped"
-        self._append({"uni_id": task.uni_id, "state": "stopped", "queue": task.spec.queue, "node": node,
-                      "gpu": task.gpu, "attempt": task.retry_count + 1, "by": by})
-        if skip:
-            self._append({"uni_id": task.uni_id, "state": "skipped", "queue": task.spec.queue})
-        log.warning(f"task stopped by {by}; " + ("skipped" if skip else "it runs again, not counted as a failure"),
-                    uni_id=task.uni_id, node=node)
-
-    def _failed(self, task: Task, node: str, error_type: str, now: float, note: str | None = None,
-                how: dict[str, Any] | None = None) -> None:
-        if self.steer.stopped_on_purpose(task, now):
-            return  # ended by `gpu-compete kill`, however it ended
-        self._release(task)
-        permanent = is_permanent(error_type) and not self.config.retry_permanent
-        decision = self.config.retry.after_failure(task.retry_count, now, max_retries=task.spec.retries,
-                                                   permanent=permanent)
-        task.retry_count, task.error_type = decision.retry_count, error_type
-        entry = {"uni_id": task.uni_id, "state": "abnormal_exit", "error_type": error_type, "queue": task.spec.queue,
-                 "node": node, "gpu": task.gpu, "attempt": decision.retry_count,
-                 "exit_status": (how or {}).get("exit_status"), "start": (how or {}).get("started_at"),
-                 "end": (how or {}).get("ended_at") or iso(self.wall()), **vram.usage_fields(task)}
-        if error_type == "oom":  # the next attempt asks for what this one was seen to use, and more
-            entry["vram_gb_needed"] = vram.learn_from_oom(task, self.config.oom_growth, self.snapshots)
-        if decision.action == "give_up":
-            task.state = TaskState.FAILED
-            entry["gave_up"] = True
-        else:
-            task.state, task.retry_at = TaskState.RETRY, decision.at
-        say_failed(task.uni_id, error_type, decision, permanent, now, note, node=node)
-        self._append(entry)
-
-    def _release(self, task: Task) -> None:
-        self.where.pop(task.uni_id, None)
-        self.gone.discard(task.uni_id)
-
-    def _append(self, entry: dict[str, Any]) -> None:
-        self.history.append(entry)
 
     # --- planning ---------------------------------------------------------------------------
 

@@ -14,7 +14,8 @@ from gpu_compete import procs
 from gpu_compete.agent import Agent, node_dir
 from gpu_compete.commandbook import CommandBook
 from gpu_compete.commandfile import parse
-from gpu_compete.coordinator import Coordinator, contact_s
+from gpu_compete.coordinator import Coordinator
+from gpu_compete.node_contact import contact_s
 from gpu_compete.daemon import Config
 from gpu_compete.local_agents import LocalAgents
 from gpu_compete.policy import RetryPolicy

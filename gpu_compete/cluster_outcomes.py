@@ -1,0 +1,83 @@
+"""How an attempt on a node ended, in the coordinator: completed (its line in the history),
+stopped on purpose, or failed (the retry policy decides, and the oom lesson is learned).
+
+A mixin of `Coordinator` (its state lives there); split out so each piece stays small.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from . import vram
+from .classify import is_permanent
+from .outcomes import say_failed
+from .tasks import Task, TaskState
+from .timefmt import iso
+
+log = structlog.get_logger("gpu_compete")
+
+
+class ClusterOutcomes:
+    def _ended(self, task: Task, node: str, how: dict[str, Any], now: float) -> None:
+        by_stop = how.get("error_type") == "stopped" and task.uni_id not in self.steer.killing  # (a kill: _failed)
+        if how["outcome"] == "abnormal_exit" and by_stop:
+            # Ended on purpose (`stop --kill`, or a `kill` asked of an earlier coordinator): its
+            # node's record says so. It runs again, not counted as a failure.
+            self.stopped(task, node, now, by="kill or stop --kill")
+        elif how["outcome"] == "normal_exit":
+            self._release(task)
+            task.state, task.error_type = TaskState.COMPLETED, None
+            self.history.add_success(task.uni_id, {
+                "uni_id": task.uni_id, "state": "normal_exit", "queue": task.spec.queue, "node": node,
+                "gpu": task.gpu, "attempt": task.retry_count + 1, "exit_status": how.get("exit_status"),
+                "start": how.get("started_at"), "end": how.get("ended_at") or iso(self.wall()),
+                **vram.usage_fields(task), "by": "coordinator"})
+            log.info("task completed", uni_id=task.uni_id, queue=task.spec.queue, gpu=task.gpu)
+        else:
+            self._failed(task, node, how.get("error_type") or "unknown", now, note=how.get("why"),
+                         how=how)
+
+    def stopped(self, task: Task, node: str, now: float, *, by: str, skip: bool = False) -> None:
+        """Ended on purpose (`kill`, `stop --kill`): not a failure; it runs again at the next
+        round, or is skipped."""
+        self._release(task)
+        task.state, task.retry_at = (TaskState.SKIPPED, 0.0) if skip else (TaskState.RETRY, now)
+        task.error_type = "stopped"
+        self._append({"uni_id": task.uni_id, "state": "stopped", "queue": task.spec.queue, "node": node,
+                      "gpu": task.gpu, "attempt": task.retry_count + 1, "by": by})
+        if skip:
+            self._append({"uni_id": task.uni_id, "state": "skipped", "queue": task.spec.queue})
+        log.warning(f"task stopped by {by}; " + ("skipped" if skip else "it runs again, not counted as a failure"),
+                    uni_id=task.uni_id, node=node)
+
+    def _failed(self, task: Task, node: str, error_type: str, now: float, note: str | None = None,
+                how: dict[str, Any] | None = None) -> None:
+        if self.steer.stopped_on_purpose(task, now):
+            return  # ended by `gpu-compete kill`, however it ended
+        self._release(task)
+        permanent = is_permanent(error_type) and not self.config.retry_permanent
+        decision = self.config.retry.after_failure(task.retry_count, now, max_retries=task.spec.retries,
+                                                   permanent=permanent)
+        task.retry_count, task.error_type = decision.retry_count, error_type
+        entry = {"uni_id": task.uni_id, "state": "abnormal_exit", "error_type": error_type, "queue": task.spec.queue,
+                 "node": node, "gpu": task.gpu, "attempt": decision.retry_count,
+                 "exit_status": (how or {}).get("exit_status"), "start": (how or {}).get("started_at"),
+                 "end": (how or {}).get("ended_at") or iso(self.wall()), **vram.usage_fields(task)}
+        if error_type == "oom":  # the next attempt asks for what this one was seen to use, and more
+            entry["vram_gb_needed"] = vram.learn_from_oom(task, self.config.oom_growth, self.snapshots)
+        if decision.action == "give_up":
+            task.state = TaskState.FAILED
+            entry["gave_up"] = True
+        else:
+            task.state, task.retry_at = TaskState.RETRY, decision.at
+        say_failed(task.uni_id, error_type, decision, permanent, now, note, node=node)
+        self._append(entry)
+
+    def _release(self, task: Task) -> None:
+        self.where.pop(task.uni_id, None)
+        self.gone.discard(task.uni_id)
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        self.history.append(entry)
