@@ -29,15 +29,15 @@ from . import evidence, launcher, procs, stopping
 from .agent_local import OneMachine
 from .forkserver import ForkServer
 from .gpus import open_probe
-from .gpus.base import GpuProbe, GpuSnapshot, current_user
+from .gpus.base import GpuProbe, GpuSnapshot, current_user, key_to_record
 from .hostguard import GuardWatch, HostGuard
 from .outcomes import GHOST_S
 from .placing import dead_listed, descends, roots_of, tree_on
 from .records import Records, launch_fields
 from .registry import Registry, RegistryError, private_dirs
-from .tasks import TaskSpec
+from .tasks import GIB, TaskSpec
 from .timefmt import iso
-from .vram import VramWatch
+from .vram import PEAK_STEP_BYTES, VramWatch
 
 #: How often a wait looks at its supervisors where the kernel has no pidfd to wait on.
 _POLL_S = 0.1
@@ -112,6 +112,7 @@ class Agent(OneMachine):
         self.ghosts: dict[int, float] = {}  # pid of an ended task -> until when it is not counted
         self.pids_ours = False  # NVML has listed a task of ours by its pid here: same pid namespace
         self.vram = VramWatch(descends, current_user())
+        self.peaks: dict[str, list[int]] = {}  # uid -> [peak bytes of this attempt, as last written]
         self.guard = GuardWatch(HostGuard(min_free_ram, min_free_disk), Path(work_dir), lambda: iso(time.time()))
         self.lock = threading.Lock()
         self.ending: set[str] = set()  # tasks being killed by `end`: said to run until that is done
@@ -180,6 +181,7 @@ class Agent(OneMachine):
             now = iso(time.time())
             # (if the disk refuses it, the supervisor records the task itself, and this is
             # written with the next write that works)
+            self.peaks.pop(spec.uni_id, None)
             self.records.launched(spec.uni_id, launch_fields(keys, spec.queue, attempt, retry_count, child.pid,
                                                             created, now, self.node))
         self._wake()
@@ -213,6 +215,7 @@ class Agent(OneMachine):
                     how["record"] = _record_row(records[uid])
             for uid, how in tasks.items():
                 if how["state"] == "ended" or how.get("gone"):
+                    self.peaks.pop(uid, None)
                     record = records.get(uid) if isinstance(records.get(uid), dict) else {}
                     for pid in self.gpu_pids.pop(uid, set()) | self._roots(uid, record):
                         self.ghosts[pid] = now + GHOST_S
@@ -241,6 +244,7 @@ class Agent(OneMachine):
                 record = record or {}
                 found[uid] = {"gpu": record.get("gpu", live.get(uid, {}).get("gpu")),
                               "attempt": record.get("attempt"), "error_type": record.get("error_type"),
+                              "peak_vram_gb": record.get("peak_vram_gb"),
                               "state": "running" if uid in live else record.get("state", "running")}
         return found
 
@@ -283,6 +287,12 @@ class Agent(OneMachine):
                 self._wake()
 
         threading.Thread(target=work, name="agent-end", daemon=True).start()
+
+    def forget(self, uni_ids: list[str]) -> None:
+        """These tasks' successes are in the coordinator's history: their records leave this
+        node's registry, as a completed task's record does on one machine."""
+        self._contact()
+        self.records.forget(uni_ids, unless_running=True)
 
     def retried(self, uni_ids: list[str]) -> None:
         """`gpu-compete retry`: the ended records of these tasks forget their attempt, so a
@@ -355,8 +365,29 @@ class Agent(OneMachine):
                    if how["state"] == "running" and isinstance(records.get(uid), dict)}
         if not running:
             return
+        grown: dict[str, dict[str, Any]] = {}
         for uid, per_gpu in self.vram.sample(snapshots, running).items():
             tasks[uid]["vram"] = {_key(self.node, key): used for key, used in per_gpu.items()}
+            if per_gpu:
+                fields = self._peak(uid, records[uid], *max(per_gpu.items(), key=lambda kv: kv[1]))
+                if fields:
+                    grown[uid] = fields
+        if grown:
+            self.records.peaks(grown)
+
+    def _peak(self, uid: str, record: dict[str, Any], key: str, used: int) -> dict[str, Any] | None:
+        """The attempt's peak VRAM is written to its record as it grows (as the daemon writes
+        it on one machine), so a restarted coordinator that adopts the task still has it."""
+        if uid not in self.peaks:
+            said = record.get("peak_vram_gb")
+            start = int(said * GIB) if isinstance(said, (int, float)) and not isinstance(said, bool) else 0
+            self.peaks[uid] = [start, start]
+        peak = self.peaks[uid]
+        peak[0] = max(peak[0], used)
+        if peak[0] - peak[1] < PEAK_STEP_BYTES:
+            return None
+        peak[1] = peak[0]
+        return {"peak_vram_gb": round(peak[0] / GIB, 2), "peak_gpu": key_to_record(key)}
 
     def _ended(self, outcome: str, error_type: str | None, record: dict[str, Any] | None, rc: int | None,
                why: str | None = None) -> dict[str, Any]:

@@ -6,7 +6,7 @@ A mixin of `Coordinator` (its state lives there); split out so each piece stays 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import structlog
 
@@ -21,6 +21,8 @@ log = structlog.get_logger("gpu_compete")
 
 class ClusterOutcomes:
     def _ended(self, task: Task, node: str, how: dict[str, Any], now: float) -> None:
+        if task.peak_vram_bytes is None:  # (one adopted after a restart: its node's record has it)
+            vram.restore(task, {"peak_vram_gb": how.get("peak_vram_gb")}, False)
         by_stop = how.get("error_type") == "stopped" and task.uni_id not in self.steer.killing  # (a kill: _failed)
         if how["outcome"] == "abnormal_exit" and by_stop:
             # Ended on purpose (`stop --kill`, or a `kill` asked of an earlier coordinator): its
@@ -29,6 +31,7 @@ class ClusterOutcomes:
         elif how["outcome"] == "normal_exit":
             self._release(task)
             task.state, task.error_type = TaskState.COMPLETED, None
+            self.completed_on[task.uni_id] = node
             self.history.add_success(task.uni_id, {
                 "uni_id": task.uni_id, "state": "normal_exit", "queue": task.spec.queue, "node": node,
                 "gpu": task.gpu, "attempt": task.retry_count + 1, "exit_status": how.get("exit_status"),
@@ -78,6 +81,22 @@ class ClusterOutcomes:
     def _release(self, task: Task) -> None:
         self.where.pop(task.uni_id, None)
         self.gone.discard(task.uni_id)
+
+    def _forget_completed(self, uids: Iterable[str]) -> None:
+        """Successes now in the history: their records leave their nodes' registries (not
+        waited for; a node away keeps them, which harms nothing), and `status` stops listing
+        them, as on one machine."""
+        by_node: dict[str, list[str]] = {}
+        for uid in uids:
+            self.records.pop(uid, None)
+            node = self.completed_on.pop(uid, None)
+            if node is not None:
+                by_node.setdefault(node, []).append(uid)
+        for node, chosen in by_node.items():
+            try:
+                self.agents.submit(node, "forget", chosen)
+            except Exception:  # noqa: BLE001 - a node gone keeps its records
+                pass
 
     def _append(self, entry: dict[str, Any]) -> None:
         self.history.append(entry)

@@ -82,7 +82,8 @@ class Coordinator(NodeContact, ClusterOutcomes):
         self.records: dict[str, dict[str, Any]] = {}  # uid -> its registry record, as its node last said
         # The record of completions; a success line the disk refuses is kept and written with a
         # later round (the nodes keep their records: nothing to take out of a registry here).
-        self.history = History(config.history, forget=lambda uids: None)
+        self.completed_on: dict[str, str] = {}  # success not yet in the history -> its node
+        self.history = History(config.history, forget=self._forget_completed)
         self.draining = self.force = self.status_requested = False
         self.next_status = 0.0
         self.steer = ClusterSteering(self, book, follow)  # reloads and control requests
@@ -153,6 +154,7 @@ class Coordinator(NodeContact, ClusterOutcomes):
     def _adopt(self, task: Task, node: str, info: dict[str, Any], now: float) -> None:
         task.state, task.adopted, task.launched_at, task.confirmed = TaskState.RUNNING, True, now, False
         task.gpu = f"{node}/{info.get('gpu')}" if info.get("gpu") is not None else None
+        vram.restore(task, {"peak_vram_gb": info.get("peak_vram_gb")}, False)  # as its node recorded it
         self.where[task.uni_id] = node
         if info.get("state", "running") == "running":
             log.info("adopted running task", uni_id=task.uni_id, node=node, gpu=task.gpu)

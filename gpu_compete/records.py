@@ -147,11 +147,19 @@ class Records:
 
         self._write(change)
 
-    def forget(self, uids: Iterable[str]) -> None:
-        """These records leave the registry (their successes are in the history)."""
+    def forget(self, uids: Iterable[str], *, unless_running: bool = False) -> None:
+        """These records leave the registry (their successes are in the history).
+        `unless_running`: one that says it runs stays (it cannot be that success's record)."""
         chosen = list(uids)
+
+        def change(data: dict[str, Any]) -> None:
+            for uid in chosen:
+                record = data.get(uid)
+                if not (unless_running and isinstance(record, dict) and record.get("state") == "running"):
+                    data.pop(uid, None)
+
         if chosen:
-            self._write(lambda data: [data.pop(uid, None) for uid in chosen])
+            self._write(change)
 
     def put_back(self, missing: dict[str, dict[str, Any]]) -> None:
         """Records someone wiped while their tasks run: ours go back, unless one is there again."""
