@@ -135,6 +135,18 @@ class Screen:
             self.raw += chunk
         return ANSI.sub(b"", self.raw).decode("utf-8", "replace")
 
+    def wait_exit(self, timeout=10):
+        """Its exit status, reading what it draws meanwhile: a terminal nobody reads fills up,
+        and a program drawing into it blocks and never ends."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.read()
+            if self.proc.poll() is not None:
+                self.read()
+                return self.proc.returncode
+            time.sleep(0.05)
+        pytest.fail(f"still running after {timeout} s; it showed:\n{self.read()[-2000:]}")
+
     def wait_for(self, needle, timeout=20):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -156,7 +168,7 @@ def test_watch_in_a_terminal_waits_for_a_daemon_then_quits_on_q(tmp_path):
         screen.wait_for(run.names["a"])
         screen.wait_for("running on GPU 0")
         os.write(screen.master, b"q")
-        assert screen.proc.wait(timeout=10) == 0
+        assert screen.wait_exit() == 0
         assert daemon.wait(timeout=30) == 0  # its task ends by itself; nothing is left behind
     finally:
         for proc in (screen.proc, daemon):
@@ -173,7 +185,7 @@ def test_watch_quits_on_ctrl_c_and_restores_the_terminal(tmp_path):
     try:
         screen.wait_for("no daemon running")
         os.write(screen.master, b"\x03")
-        assert screen.proc.wait(timeout=10) == 0
+        assert screen.wait_exit() == 0
         screen.read()
         assert b"\x1b[?1049l" in screen.raw  # rich left the alternate screen
     finally:
