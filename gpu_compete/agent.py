@@ -187,7 +187,7 @@ class Agent(OneMachine):
         self._wake()
         return {"pid": child.pid, "create_time": created, "started_at": now}
 
-    def observe(self, expected: list[str], wait_s: float = 0.0) -> dict[str, Any]:
+    def observe(self, expected: list[str], wait_s: float = 0.0, forget: list[str] | None = None) -> dict[str, Any]:
         """How this node's tasks are doing, and its GPUs now. Waits up to `wait_s` for a task
         of ours to end (returns at once when one has), so the coordinator hears of a freed GPU
         within milliseconds without asking every few milliseconds.
@@ -196,11 +196,19 @@ class Agent(OneMachine):
         `{"state": "running", "confirmed": bool, "gone": bool}` (gone: its processes have
         ended and its outcome is being written: its GPU is free), or `{"state": "ended",
         "outcome": "normal_exit" | "abnormal_exit" | "lost", "error_type", "exit_status", ...}`.
-        A uid this node knows nothing of is `{"state": "unknown"}`."""
+        A uid this node knows nothing of is `{"state": "unknown"}`.
+
+        `forget`: tasks whose successes are now in the coordinator's history: their records
+        leave this node's registry, as a completed task's record does on one machine.
+
+        The registry is written before the wait (what the last answer found, such as grown
+        VRAM peaks, and what a failing disk refused), so that no write delays an answer."""
         self._contact()
+        if forget:
+            self.records.forget(forget, unless_running=True, defer=True)
+        self.records.flush()
         self._wait(wait_s)
         with self.lock:
-            self.records.flush()  # what a failing disk refused before
             snapshots = self.probe.snapshot()
             try:
                 records = self.records.read()
@@ -289,8 +297,7 @@ class Agent(OneMachine):
         threading.Thread(target=work, name="agent-end", daemon=True).start()
 
     def forget(self, uni_ids: list[str]) -> None:
-        """These tasks' successes are in the coordinator's history: their records leave this
-        node's registry, as a completed task's record does on one machine."""
+        """`observe(forget=...)` at once: for the coordinator's last word at the end of a run."""
         self._contact()
         self.records.forget(uni_ids, unless_running=True)
 
@@ -373,7 +380,7 @@ class Agent(OneMachine):
                 if fields:
                     grown[uid] = fields
         if grown:
-            self.records.peaks(grown)
+            self.records.peaks(grown, defer=True)  # written before the next observe waits
 
     def _peak(self, uid: str, record: dict[str, Any], key: str, used: int) -> dict[str, Any] | None:
         """The attempt's peak VRAM is written to its record as it grows (as the daemon writes

@@ -17,6 +17,8 @@ from .tasks import Task, TaskState
 from .timefmt import iso
 
 log = structlog.get_logger("gpu_compete")
+#: How long the end of a run waits for a node to take its completed tasks' records out.
+FORGET_TIMEOUT_S = 5.0
 
 
 class ClusterOutcomes:
@@ -83,20 +85,24 @@ class ClusterOutcomes:
         self.gone.discard(task.uni_id)
 
     def _forget_completed(self, uids: Iterable[str]) -> None:
-        """Successes now in the history: their records leave their nodes' registries (not
-        waited for; a node away keeps them, which harms nothing), and `status` stops listing
-        them, as on one machine."""
-        by_node: dict[str, list[str]] = {}
+        """Successes now in the history: their records leave their nodes' registries (told
+        with each node's next observe call; a node away keeps them, which harms nothing), and
+        `status` stops listing them, as on one machine."""
         for uid in uids:
             self.records.pop(uid, None)
             node = self.completed_on.pop(uid, None)
             if node is not None:
-                by_node.setdefault(node, []).append(uid)
-        for node, chosen in by_node.items():
+                self.forgettable.setdefault(node, []).append(uid)
+
+    def _forget_now(self) -> None:
+        """At the end of a run: the successes not yet told to their nodes (no observe call
+        follows to carry them)."""
+        for node, uids in list(self.forgettable.items()):
             try:
-                self.agents.submit(node, "forget", chosen)
-            except Exception:  # noqa: BLE001 - a node gone keeps its records
+                self.agents.call(node, "forget", uids, timeout=FORGET_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - a node away keeps the records; status on it lists them
                 pass
+        self.forgettable.clear()
 
     def _append(self, entry: dict[str, Any]) -> None:
         self.history.append(entry)

@@ -83,6 +83,7 @@ class Coordinator(NodeContact, ClusterOutcomes):
         # The record of completions; a success line the disk refuses is kept and written with a
         # later round (the nodes keep their records: nothing to take out of a registry here).
         self.completed_on: dict[str, str] = {}  # success not yet in the history -> its node
+        self.forgettable: dict[str, list[str]] = {}  # node -> successes in the history, to leave its registry
         self.history = History(config.history, forget=self._forget_completed)
         self.draining = self.force = self.status_requested = False
         self.next_status = 0.0
@@ -326,6 +327,7 @@ class Coordinator(NodeContact, ClusterOutcomes):
             self.steer.open(self.loop)
             try:
                 self._rounds()
+                self._forget_now()
             finally:
                 self.steer.close()
         self._write_status(ending=self.exit_code())

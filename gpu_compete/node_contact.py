@@ -71,7 +71,8 @@ class NodeContact:
             if node not in self.inflight:
                 expected = [u for u, n in self.where.items() if n == node]
                 wait = self.config.poll if node in self.node_snapshots else 0.0
-                self.inflight[node] = (self.agents.submit(node, "observe", expected, wait), self.clock())
+                forget = self.forgettable.pop(node, None)
+                self.inflight[node] = (self.agents.submit(node, "observe", expected, wait, forget), self.clock())
 
     def _heard(self, node: str, result: dict[str, Any], now: float) -> None:
         self.node_snapshots[node] = result["snapshots"]

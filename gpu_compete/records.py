@@ -111,14 +111,15 @@ class Records:
 
         self._write(change)
 
-    def peaks(self, grown: dict[str, dict[str, Any]]) -> None:
-        """Running tasks' VRAM peaks grew ({uid: fields})."""
+    def peaks(self, grown: dict[str, dict[str, Any]], *, defer: bool = False) -> None:
+        """Running tasks' VRAM peaks grew ({uid: fields}). `defer`: written with the next
+        write or `flush`, not now (a node's agent answering the coordinator)."""
         def change(data: dict[str, Any]) -> None:
             for uid, extra in grown.items():
                 if isinstance(data.get(uid), dict):
                     data[uid].update(extra)
 
-        self._write(change)
+        self._write(change, defer=defer)
 
     def retried(self, uids: Iterable[str]) -> None:
         """`gpu-compete retry`: the records forget the give-up, the retry time and the count,
@@ -147,7 +148,7 @@ class Records:
 
         self._write(change)
 
-    def forget(self, uids: Iterable[str], *, unless_running: bool = False) -> None:
+    def forget(self, uids: Iterable[str], *, unless_running: bool = False, defer: bool = False) -> None:
         """These records leave the registry (their successes are in the history).
         `unless_running`: one that says it runs stays (it cannot be that success's record)."""
         chosen = list(uids)
@@ -159,7 +160,7 @@ class Records:
                     data.pop(uid, None)
 
         if chosen:
-            self._write(change)
+            self._write(change, defer=defer)
 
     def put_back(self, missing: dict[str, dict[str, Any]]) -> None:
         """Records someone wiped while their tasks run: ours go back, unless one is there again."""
@@ -194,9 +195,9 @@ class Records:
         with self._lock:
             return self._write(lambda data: None, vital=False) if self._pending else True
 
-    def _write(self, change: Change, uid: str | None = None, vital: bool = True) -> bool:
+    def _write(self, change: Change, uid: str | None = None, vital: bool = True, defer: bool = False) -> bool:
         """Apply `change` to the registry, with every change still pending before it;
-        inside `batch()`, at the batch's end."""
+        inside `batch()` at the batch's end, and with `defer` at the next write or flush."""
         if self.read_only:
             return True
         with self._lock:
@@ -204,7 +205,7 @@ class Records:
             self._vital = self._vital or vital
             if uid is not None:
                 self.touched.add(uid)
-            if self._batching:
+            if self._batching or defer:
                 return True
 
             def apply_all(data: dict[str, Any]) -> None:
