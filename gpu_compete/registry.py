@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from . import atomic
 from .tasks import is_safe_id
+from .timefmt import iso
 
 STATES = ("running", "normal_exit", "abnormal_exit")
 _ENCODE = json.JSONEncoder(sort_keys=True, ensure_ascii=False).encode
@@ -387,4 +388,4 @@ def _fingerprint_path(path: Path) -> tuple[int, int, int] | None:
 
 
 def _now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime())
+    return iso(time.time())  # as every other writer of ours stamps a record (local, to the second)

@@ -500,3 +500,12 @@ def test_every_change_reaches_the_file_whatever_was_cached(tmp_path: Path) -> No
     assert on_disk["t7"]["retry_count"] == 2 and on_disk["t8"]["error_type"] == "oom"
     assert on_disk["t9"]["state"] == "normal_exit" and on_disk["t10"]["retry_count"] == 5
     assert len(on_disk) == 50 and mine.read() == theirs.read()
+
+
+def test_updated_at_is_stamped_as_every_writer_of_ours_stamps_it(tmp_path):
+    """`Registry.set` (the supervisor's and `gpu-compete register`'s writes) stamps `updated_at`
+    as the daemon and the agents do (local time, to the second): one format in one file."""
+    import re
+
+    record = Registry(tmp_path / "uni_id.json").set("q1-x", state="running", pid=os.getpid())
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", record["updated_at"]), record["updated_at"]
