@@ -282,7 +282,8 @@ class Coordinator(NodeContact, ClusterOutcomes):
         task.gpus = tuple(s.key for s in snaps) if len(snaps) > 1 else ()
         task.peak_vram_bytes, task.peak_gpu, task.peak_written = None, None, 0
         self.where[task.uni_id] = node
-        log.info("task started", uni_id=task.uni_id, queue=task.spec.queue, gpu=task.gpu, attempt=attempt)
+        log.info("task started", uni_id=task.uni_id, queue=task.spec.queue, gpu=task.gpu, attempt=attempt,
+                 **({"gpus": list(task.gpus)} if task.gpus else {}))
 
     # --- status and the loop ----------------------------------------------------------------
 

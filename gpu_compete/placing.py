@@ -199,7 +199,8 @@ class Placing:
         uid = task.uni_id
         self.records.launched(uid, launch_fields(keys, task.spec.queue, attempt, task.retry_count, child.pid,
                                                  procs.create_time(child.pid), _iso(self.wall())))
-        log.info("task started", uni_id=uid, queue=task.spec.queue, gpu=gpu, attempt=attempt, pid=child.pid)
+        log.info("task started", uni_id=uid, queue=task.spec.queue, gpu=gpu, attempt=attempt, pid=child.pid,
+                 **({"gpus": list(task.gpus)} if task.gpus else {}))  # a gpus=N task: all of them
 
     def _watch_vram(self) -> None:
         """Each running task's peak VRAM from this round's snapshot, written as it grows."""

@@ -108,6 +108,8 @@ def test_gpus_2_gets_two_gpus_in_cuda_visible_devices_and_the_placeholder(tmp_pa
     assert code == 0, err
     line = next(h for h in run.history() if h["uni_id"] == run.uid("1"))
     assert [str(g) for g in line["gpus"]] == visible.split(",")
+    started = next(json.loads(ln) for ln in err.splitlines() if "task started" in ln and run.uid("1") in ln)
+    assert started["gpus"] == visible.split(","), started  # the log names both
 
 
 def test_more_gpus_than_exist_is_said_and_nothing_hangs_silently(tmp_path):
