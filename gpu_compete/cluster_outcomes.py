@@ -11,8 +11,7 @@ from typing import Any, Iterable
 import structlog
 
 from . import vram
-from .classify import is_permanent
-from .outcomes import say_failed
+from .outcomes import fail_attempt, say_failed
 from .tasks import Task, TaskState
 from .timefmt import iso
 
@@ -62,21 +61,15 @@ class ClusterOutcomes:
         if self.steer.stopped_on_purpose(task, now):
             return  # ended by `gpu-compete kill`, however it ended
         self._release(task)
-        permanent = is_permanent(error_type) and not self.config.retry_permanent
-        decision = self.config.retry.after_failure(task.retry_count, now, max_retries=task.spec.retries,
-                                                   permanent=permanent)
-        task.retry_count, task.error_type = decision.retry_count, error_type
+        decision, permanent, needed = fail_attempt(task, error_type, now, self.config, self.snapshots)
         entry = {"uni_id": task.uni_id, "state": "abnormal_exit", "error_type": error_type, "queue": task.spec.queue,
                  "node": node, "gpu": task.gpu, "attempt": decision.retry_count,
                  "exit_status": (how or {}).get("exit_status"), "start": (how or {}).get("started_at"),
                  "end": (how or {}).get("ended_at") or iso(self.wall()), **vram.usage_fields(task)}
-        if error_type == "oom":  # the next attempt asks for what this one was seen to use, and more
-            entry["vram_gb_needed"] = vram.learn_from_oom(task, self.config.oom_growth, self.snapshots)
+        if needed is not None:  # the next attempt asks for what this one was seen to use, and more
+            entry["vram_gb_needed"] = needed
         if decision.action == "give_up":
-            task.state = TaskState.FAILED
             entry["gave_up"] = True
-        else:
-            task.state, task.retry_at = TaskState.RETRY, decision.at
         say_failed(task.uni_id, error_type, decision, permanent, now, note, node=node)
         self._append(entry)
 

@@ -21,6 +21,23 @@ log = structlog.get_logger("gpu_compete")
 GHOST_S = 10.0
 
 
+def fail_attempt(task: Task, error_type: str, now: float, config: Any,
+                 snapshots: list[Any]) -> tuple[Any, bool, float | None]:
+    """An attempt failed: the retry policy decides (failed for good, or run again when), the
+    task's count, error type and state follow, and an oom raises what the next attempt needs.
+    The same on one machine and across nodes. Returns (the decision, whether the failure would
+    only repeat, the new need in GB after an oom)."""
+    permanent = is_permanent(error_type) and not config.retry_permanent
+    decision = config.retry.after_failure(task.retry_count, now, max_retries=task.spec.retries, permanent=permanent)
+    task.retry_count, task.error_type = decision.retry_count, error_type
+    needed = vram.learn_from_oom(task, config.oom_growth, snapshots) if error_type == "oom" else None
+    if decision.action == "give_up":
+        task.state = TaskState.FAILED
+    else:
+        task.state, task.retry_at = TaskState.RETRY, decision.at
+    return decision, permanent, needed
+
+
 def say_failed(uid: str, error_type: str, decision: Any, permanent: bool, now: float, note: str | None,
                **context: Any) -> None:
     """The log line of a failed attempt, as the retry policy decided (`decision`): failed for
@@ -97,21 +114,16 @@ class Outcomes:
     def _failed(self, task: Task, error_type: str, now: float, note: str | None = None) -> None:
         if self.steer.stopped_on_purpose(task, now):
             return
-        permanent = is_permanent(error_type) and not self.config.retry_permanent
-        decision = self.config.retry.after_failure(task.retry_count, now, max_retries=task.spec.retries,
-                                                   permanent=permanent)
-        task.retry_count, task.error_type = decision.retry_count, error_type
         self._task_ended(task, now)
+        decision, permanent, needed = fail_attempt(task, error_type, now, self.config, self.snapshots)
         usage = vram.usage_fields(task)
         fields: dict[str, Any] = {"state": "abnormal_exit", "error_type": error_type,
                                   "retry_count": decision.retry_count, **usage}
-        if error_type == "oom":
-            fields["vram_gb_needed"] = vram.learn_from_oom(task, self.config.oom_growth, self.snapshots)
+        if needed is not None:
+            fields["vram_gb_needed"] = needed
         if decision.action == "give_up":
-            task.state = TaskState.FAILED
             fields["gave_up"] = True
         else:
-            task.state, task.retry_at = TaskState.RETRY, decision.at
             fields["retry_at"] = _iso(self.wall() + (decision.at - now))
         say_failed(task.uni_id, error_type, decision, permanent, now, note)
         uid = task.uni_id
