@@ -166,7 +166,7 @@ def test_a_child_with_its_own_vram_replaces_its_parents_claim(children):
     assert listed[kid] == 9 * GIB and shell.pid not in listed
 
 
-def test_a_claim_seen_before_exec_is_read_again_after_it(children, monkeypatch):
+def test_a_claim_seen_before_exec_is_read_again_after_it(children, monkeypatch, tmp_path):
     """A process between fork and exec still shows its parent's environment (under load that
     moment can last): what a young process claims is not remembered, so once it has exec'd with
     a GPU_COMPETE_VRAM_GB of its own, that is what it holds. (Young: the window is widened here
@@ -177,23 +177,27 @@ def test_a_claim_seen_before_exec_is_read_again_after_it(children, monkeypatch):
     probe = SimulatedProbe(parse_spec("1x24"), namespace=NS)
     gate = "import os, sys, time\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.01)\n" \
            "os.execvpe('sleep', ['sleep', '60'], dict(os.environ, GPU_COMPETE_VRAM_GB='9'))"
-    go = f"/tmp/gc-exec-gate-{os.getpid()}"
-    proc = subprocess.Popen([sys.executable, "-c", gate, go], start_new_session=True,
+    go = tmp_path / "go"
+    proc = _claiming_2_gb(children, gate, go)
+    wait_for(lambda: _used(probe, proc.pid) == 2 * GIB, 10, "the process, not yet exec'd, with its parent's claim")
+    go.touch()
+    wait_for(lambda: _used(probe, proc.pid) == 9 * GIB, 10, "its own claim once it has exec'd")
+
+
+def _claiming_2_gb(children, script: str, go) -> subprocess.Popen:
+    """`python -c script go` on simulated GPU 0, claiming 2 GB (its children inherit it)."""
+    proc = subprocess.Popen([sys.executable, "-c", script, str(go)], start_new_session=True,
                             env=dict(os.environ, CUDA_VISIBLE_DEVICES="0", GPU_COMPETE_VRAM_GB="2",
                                      GPU_COMPETE_NAMESPACE=NS))
     children.append(proc)
-    try:
-        wait_for(lambda: {p.pid: p.used_bytes for p in probe.snapshot()[0].processes}.get(proc.pid) == 2 * GIB, 10,
-                 "the process, not yet exec'd, with its parent's claim")
-        open(go, "w").close()
-        wait_for(lambda: {p.pid: p.used_bytes for p in probe.snapshot()[0].processes}.get(proc.pid) == 9 * GIB, 10,
-                 "its own claim once it has exec'd")
-    finally:
-        if os.path.exists(go):
-            os.unlink(go)
+    return proc
 
 
-def test_a_forked_child_that_execs_late_is_read_again_after_it(children, monkeypatch):
+def _used(probe: SimulatedProbe, pid: int) -> int | None:
+    return {p.pid: p.used_bytes for p in probe.snapshot()[0].processes}.get(pid)
+
+
+def test_a_forked_child_that_execs_late_is_read_again_after_it(children, monkeypatch, tmp_path):
     """A child that has not exec'd yet shows its parent's command line and environment; on a
     loaded machine it can stay so past the short settle time. Its claim (its parent's) is not
     remembered while its command line is its parent's, so once it execs with a claim of its
@@ -206,26 +210,18 @@ def test_a_forked_child_that_execs_late_is_read_again_after_it(children, monkeyp
               "    while not os.path.exists(sys.argv[1]): time.sleep(0.01)\n"
               "    os.execvpe('sleep', ['sleep', '60'], dict(os.environ, GPU_COMPETE_VRAM_GB='9'))\n"
               "os.wait()\n")
-    go = f"/tmp/gc-fork-gate-{os.getpid()}"
-    proc = subprocess.Popen([sys.executable, "-c", script, go], start_new_session=True,
-                            env=dict(os.environ, CUDA_VISIBLE_DEVICES="0", GPU_COMPETE_VRAM_GB="2",
-                                     GPU_COMPETE_NAMESPACE=NS))
-    children.append(proc)
-    try:
-        kid = wait_for(lambda: [c.pid for c in psutil.Process(proc.pid).children()], 10, "the fork")[0]
-        born = psutil.Process(kid).create_time()
+    go = tmp_path / "go"
+    proc = _claiming_2_gb(children, script, go)
+    kid = wait_for(lambda: [c.pid for c in psutil.Process(proc.pid).children()], 10, "the fork")[0]
+    born = psutil.Process(kid).create_time()
 
-        def read_past_settle():
-            probe.snapshot()
-            return time.time() - born > 3 * simulated._CLAIM_SETTLE_S
+    def read_past_settle():
+        probe.snapshot()
+        return time.time() - born > 3 * simulated._CLAIM_SETTLE_S
 
-        wait_for(read_past_settle, 10, "the probe to read the fork past the settle time")
-        open(go, "w").close()
-        wait_for(lambda: {p.pid: p.used_bytes for p in probe.snapshot()[0].processes}.get(kid) == 9 * GIB, 10,
-                 "its own claim once it has exec'd")
-    finally:
-        if os.path.exists(go):
-            os.unlink(go)
+    wait_for(read_past_settle, 10, "the probe to read the fork past the settle time")
+    go.touch()
+    wait_for(lambda: _used(probe, kid) == 9 * GIB, 10, "its own claim once it has exec'd")
 
 
 def test_a_pid_reused_by_a_task_is_seen_within_a_second(children):
