@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import pty
 import re
 import select
@@ -118,6 +119,10 @@ class Screen:
         def controlling_tty():  # a session of its own with the pty as its terminal: Ctrl-C is SIGINT
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            # As a terminal's shell starts a foreground command: SIGINT not ignored, even when
+            # these tests run in a background job (`cmd &` in a script ignores it, and the
+            # ignoring is inherited: watch then never sees Ctrl-C).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
         self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
                                      preexec_fn=controlling_tty)
