@@ -49,26 +49,41 @@ def parse_time(text: Any) -> float | None:
     return whole
 
 
+#: Two lines of one task, attempt number and outcome whose starts (else ends) are this close
+#: say the same attempt twice (the daemon and the supervisor both recorded a success: the
+#: supervisor's start is a moment later, and to the millisecond). A later run of the task
+#: (`--fresh`) starts its attempts again at 1, a run later.
+SAME_ATTEMPT_S = 3.0
+
+
 def attempts(entries: Iterable[dict[str, Any]]) -> list[Attempt]:
     """One Attempt per ended attempt, in the history's order; a line repeated (the daemon and
-    the supervisor both recorded a success) counts once."""
-    out, seen = [], set()
+    the supervisor both recorded a success) counts once, a later run's attempt again."""
+    out: list[Attempt] = []
+    seen: dict[tuple[str, int | None, str], list[tuple[float | None, float | None]]] = {}
     for e in entries:
         uid = e.get("uni_id")
         if not isinstance(uid, str) or e.get("state") not in ("normal_exit", "abnormal_exit"):
             continue
         number = e.get("attempt") if isinstance(e.get("attempt"), int) else None
-        key = (uid, number, e.get("state"), e.get("end") if number is None else None)
-        if key in seen:
+        start, end = parse_time(e.get("start")), parse_time(e.get("end"))
+        said = seen.setdefault((uid, number, e["state"]), [])
+        if any(_same_attempt((start, end), other) for other in said):
             continue
-        seen.add(key)
+        said.append((start, end))
         gpu = e.get("gpu")
         peak = e.get("peak_vram_gb")
         out.append(Attempt(uid, None if e.get("queue") is None else str(e["queue"]),
-                           None if gpu is None else str(gpu), number, parse_time(e.get("start")),
-                           parse_time(e.get("end")), e["state"], e.get("error_type"),
+                           None if gpu is None else str(gpu), number, start, end, e["state"], e.get("error_type"),
                            float(peak) if isinstance(peak, (int, float)) else None, e.get("gave_up") is True))
     return out
+
+
+def _same_attempt(a: tuple[float | None, float | None], b: tuple[float | None, float | None]) -> bool:
+    for x, y in zip(a, b):  # the starts, else the ends
+        if x is not None and y is not None:
+            return abs(x - y) <= SAME_ATTEMPT_S
+    return True  # nothing to tell them apart by: one attempt said twice
 
 
 def union_length(intervals: Iterable[tuple[float, float]]) -> float:

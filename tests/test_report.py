@@ -46,6 +46,17 @@ def test_attempts_parse_history_lines_and_drop_repeats():
     assert atts[1].error_type == "oom" and atts[1].peak_vram_gb == 23.5
 
 
+def test_a_later_run_of_the_same_attempt_numbers_counts_again():
+    """`--fresh` runs every task again from attempt 1: those lines are new attempts, while the
+    daemon's copy of a success the supervisor wrote (its start to the second) is not."""
+    again = [line(e["uni_id"], e["queue"], e["gpu"], e["attempt"], 100 + i, 110 + i, e["state"])
+             for i, e in enumerate(HISTORY)]
+    copy = dict(HISTORY[0], start=iso(T0, ms=False), by="daemon")
+    atts = report.attempts(HISTORY + [copy] + again)
+    assert len(atts) == 10
+    assert [a.start for a in atts[5:]] == [T0 + 100 + i for i in range(5)]
+
+
 def test_parse_time_keeps_milliseconds_and_refuses_junk():
     """History times with and without milliseconds parse; anything else is None."""
     assert report.parse_time(iso(T0 + 0.25)) == T0 + 0.25
