@@ -296,14 +296,15 @@ class Agent(OneMachine):
 
         threading.Thread(target=work, name="agent-end", daemon=True).start()
 
-    def forget(self, uni_ids: list[str]) -> None:
+    def forget_records(self, uni_ids: list[str]) -> None:
         """`observe(forget=...)` at once: for the coordinator's last word at the end of a run."""
         self._contact()
         self.records.forget(uni_ids, unless_running=True)
 
     def retried(self, uni_ids: list[str]) -> None:
-        """`gpu-compete retry`: the ended records of these tasks forget their attempt, so a
-        restarted coordinator does not take again an outcome the retry has set aside."""
+        """`gpu-compete retry`: these tasks' records forget the give-up, the retry time and
+        the count, and an ended one its attempt, so a restarted coordinator does not take again
+        an outcome the retry has set aside."""
         self._contact()
         self.records.retried(uni_ids)
 
@@ -316,7 +317,8 @@ class Agent(OneMachine):
             time.sleep(0.05)  # their own last word first: ours goes on top of it
 
         now = iso(time.time())
-        self.records.stopped({uid: {"updated_at": now} for uid in uni_ids}, existing=True)
+        self.records.stopped({uid: {"updated_at": now} for uid in uni_ids}, existing=True,
+                             supervisors={uid: records[uid].get("supervisor_pid") for uid in uni_ids})
 
     def log(self, uni_id: str, tail_bytes: int | None = None) -> str | None:
         path = launcher.log_path(self.state, uni_id)
@@ -379,8 +381,8 @@ class Agent(OneMachine):
                 fields = self._peak(uid, records[uid], *max(per_gpu.items(), key=lambda kv: kv[1]))
                 if fields:
                     grown[uid] = fields
-        if grown:
-            self.records.peaks(grown, defer=True)  # written before the next observe waits
+        if grown:  # written before the next observe waits, on this attempt's record only
+            self.records.peaks(grown, defer=True, supervisors={u: records[u].get("supervisor_pid") for u in grown})
 
     def _peak(self, uid: str, record: dict[str, Any], key: str, used: int) -> dict[str, Any] | None:
         """The attempt's peak VRAM is written to its record as it grows (as the daemon writes

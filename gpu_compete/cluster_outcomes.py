@@ -79,8 +79,9 @@ class ClusterOutcomes:
 
     def _forget_completed(self, uids: Iterable[str]) -> None:
         """Successes now in the history: their records leave their nodes' registries (told
-        with each node's next observe call; a node away keeps them, which harms nothing), and
-        `status` stops listing them, as on one machine."""
+        with each node's next observe call; a node away, or whose call fails, keeps them: a
+        completed record harms nothing there), and `status` stops listing them, as on one
+        machine."""
         for uid in uids:
             self.records.pop(uid, None)
             node = self.completed_on.pop(uid, None)
@@ -91,8 +92,10 @@ class ClusterOutcomes:
         """At the end of a run: the successes not yet told to their nodes (no observe call
         follows to carry them)."""
         for node, uids in list(self.forgettable.items()):
+            if node in self.unreachable:
+                continue  # it keeps them (as when an observe call carrying them fails)
             try:
-                self.agents.call(node, "forget", uids, timeout=FORGET_TIMEOUT_S)
+                self.agents.call(node, "forget_records", uids, timeout=FORGET_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - a node away keeps the records; status on it lists them
                 pass
         self.forgettable.clear()

@@ -81,7 +81,7 @@ class Coordinator(NodeContact, ClusterOutcomes):
         self.waiting_why: dict[str, str] = {}
         self.records: dict[str, dict[str, Any]] = {}  # uid -> its registry record, as its node last said
         # The record of completions; a success line the disk refuses is kept and written with a
-        # later round (the nodes keep their records: nothing to take out of a registry here).
+        # later round, and only then does the task's record leave its node's registry.
         self.completed_on: dict[str, str] = {}  # success not yet in the history -> its node
         self.forgettable: dict[str, list[str]] = {}  # node -> successes in the history, to leave its registry
         self.history = History(config.history, forget=self._forget_completed)

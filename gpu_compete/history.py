@@ -1,5 +1,5 @@
-"""The daemon's writes to the history (`history.jsonl`, the record of completions), kept until a
-failing disk takes them.
+"""Writes to the history (`history.jsonl`, the record of completions) by the daemon or the
+coordinator, kept until a failing disk takes them.
 
 A success line that cannot be appended is kept, and the task's registry record with it,
 until it can: a task's record leaves the registry (`forget`, the node's records) only once its

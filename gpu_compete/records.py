@@ -61,6 +61,16 @@ def launch_fields(keys: Sequence[str], queue: str, attempt: int, retry_count: in
     return fields
 
 
+def same_attempt(record: object, supervisor_pid: int | None) -> bool:
+    """Whether a record still speaks of the attempt this supervisor runs (None: not known,
+    taken as yes). A later attempt's supervisor puts its own pid in the record (`exec_pid`,
+    and `supervisor_pid` once launched): a change meant for the earlier attempt (its failure,
+    its stop, its peak) must not land on it, however late a failing disk lets it be written."""
+    if supervisor_pid is None or not isinstance(record, dict):
+        return True
+    return all(record.get(key) in (None, supervisor_pid) for key in ("supervisor_pid", "exec_pid"))
+
+
 class Records:
     def __init__(self, registry: Registry, problems: Problems | None = None):
         self.registry = registry
@@ -89,37 +99,44 @@ class Records:
 
         self._write(change, vital=False)
 
-    def failed(self, uid: str, fields: dict[str, Any]) -> None:
-        """An attempt failed: these fields (error type, count, give-up or retry time) go on
-        its record, which must reach the file before the task's next attempt writes its own
-        (`write_pending`)."""
+    def failed(self, uid: str, fields: dict[str, Any], supervisor_pid: int | None = None) -> None:
+        """An attempt (the one `supervisor_pid` ran) failed: these fields (error type, count,
+        give-up or retry time) go on its record, which must reach the file before the task's
+        next attempt writes its own (`write_pending`); never on a later attempt's record."""
         def change(data: dict[str, Any]) -> None:
+            if not same_attempt(data.get(uid), supervisor_pid):
+                return
             record = data.get(uid) if isinstance(data.get(uid), dict) else {}
             record.update(fields)
             data[uid] = record
 
         self._write(change, uid)
 
-    def stopped(self, fields: dict[str, dict[str, Any]], *, existing: bool = False) -> None:
+    def stopped(self, fields: dict[str, dict[str, Any]], *, existing: bool = False,
+                supervisors: dict[str, int | None] | None = None) -> None:
         """These tasks were ended on purpose ({uid: fields to add}): their records say
         `stopped`, so a restart runs them again without counting a failure; unless one
-        finished meanwhile (its success stays). `existing`: only records still there."""
+        finished meanwhile (its success stays). `existing`: only records still there;
+        `supervisors`: the stopped attempts' ({uid: supervisor pid}), as for `failed`."""
         def change(data: dict[str, Any]) -> None:
             for uid, extra in fields.items():
-                if not existing or isinstance(data.get(uid), dict):
+                if (not existing or isinstance(data.get(uid), dict)) and \
+                        same_attempt(data.get(uid), (supervisors or {}).get(uid)):
                     stopping.mark_stopped(data, uid, **extra)
 
-        self._write(change)
+        self._write(change, fields)
 
-    def peaks(self, grown: dict[str, dict[str, Any]], *, defer: bool = False) -> None:
-        """Running tasks' VRAM peaks grew ({uid: fields}). `defer`: written with the next
-        write or `flush`, not now (a node's agent answering the coordinator)."""
+    def peaks(self, grown: dict[str, dict[str, Any]], *, defer: bool = False,
+              supervisors: dict[str, int | None] | None = None) -> None:
+        """Running tasks' VRAM peaks grew ({uid: fields}; `supervisors` as for `stopped`).
+        Not vital (what a task held, lost in a power cut at worst). `defer`: written with the
+        next write or `flush`, not now (a node's agent answering the coordinator)."""
         def change(data: dict[str, Any]) -> None:
             for uid, extra in grown.items():
-                if isinstance(data.get(uid), dict):
+                if isinstance(data.get(uid), dict) and same_attempt(data[uid], (supervisors or {}).get(uid)):
                     data[uid].update(extra)
 
-        self._write(change, defer=defer)
+        self._write(change, vital=False, defer=defer)
 
     def retried(self, uids: Iterable[str]) -> None:
         """`gpu-compete retry`: the records forget the give-up, the retry time and the count,
@@ -191,34 +208,40 @@ class Records:
             self._batching = batching
 
     def flush(self) -> bool:
-        """Retry what a failing disk refused before (each round)."""
+        """Write what is pending: what a failing disk refused before (each round), a batch's
+        changes, deferred ones."""
         with self._lock:
-            return self._write(lambda data: None, vital=False) if self._pending else True
+            return self._apply() if self._pending and not self._batching else True
 
-    def _write(self, change: Change, uid: str | None = None, vital: bool = True, defer: bool = False) -> bool:
+    def _write(self, change: Change, about: str | Iterable[str] | None = None, vital: bool = True,
+               defer: bool = False) -> bool:
         """Apply `change` to the registry, with every change still pending before it;
-        inside `batch()` at the batch's end, and with `defer` at the next write or flush."""
+        inside `batch()` at the batch's end, and with `defer` at the next write or flush.
+        `about`: the task(s) it is about, for `touched`."""
         if self.read_only:
             return True
         with self._lock:
             self._pending.append(change)
             self._vital = self._vital or vital
-            if uid is not None:
-                self.touched.add(uid)
+            if about is not None:
+                self.touched.update([about] if isinstance(about, str) else about)
             if self._batching or defer:
                 return True
+            return self._apply()
 
-            def apply_all(data: dict[str, Any]) -> None:
-                for pending in self._pending:
-                    pending(data)
+    def _apply(self) -> bool:
+        """Every pending change, in order, in one locked update (with the lock held)."""
+        def apply_all(data: dict[str, Any]) -> None:
+            for pending in self._pending:
+                pending(data)
 
-            try:
-                self.registry.update(apply_all, self._vital)
-            except RegistryError as exc:
-                self.problems.report("registry", "cannot write the registry; running tasks go on", exc)
-                return False
-            self._pending.clear()
-            self.touched.clear()
-            self._vital = False
-            self.problems.report("registry")
-            return True
+        try:
+            self.registry.update(apply_all, self._vital)
+        except RegistryError as exc:
+            self.problems.report("registry", "cannot write the registry; running tasks go on", exc)
+            return False
+        self._pending.clear()
+        self.touched.clear()
+        self._vital = False
+        self.problems.report("registry")
+        return True
