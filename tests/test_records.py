@@ -13,20 +13,29 @@ def enospc(*_args, **_kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_a_late_write_for_an_earlier_attempt_never_lands_on_the_next(tmp_path, monkeypatch):
-    """Attempt 1 (supervisor 111) fails and is stopped while the disk refuses writes; the next
-    attempt's supervisor (222) writes its own record once the disk works, before our queued
-    changes go: they must not turn the running attempt's record into attempt 1's end (its
-    supervisor would take that for its wrapper's word and report a failure)."""
+def attempt_1_failed_on_a_full_disk(tmp_path, monkeypatch, *more) -> tuple[Registry, Records]:
+    """Attempt 1 (supervisor 111) runs; its failure (and `more(records)`) is recorded while the
+    disk refuses every write, so it is still pending."""
     registry = Registry(tmp_path / "uni_id.json")
     registry.set("q1-a", state="running", supervisor_pid=111, exec_pid=111, attempt=1)
     records = Records(registry)
     with monkeypatch.context() as m:
         m.setattr(Registry, "_write", enospc)
         records.failed("q1-a", {"state": "abnormal_exit", "error_type": "oom", "retry_count": 1}, 111)
-        records.stopped({"q1-a": {"retry_count": 1}}, supervisors={"q1-a": 111})
-        records.peaks({"q1-a": {"peak_vram_gb": 9.0}}, supervisors={"q1-a": 111})
+        for change in more:
+            change(records)
         assert not records.flush()
+    return registry, records
+
+
+def test_a_late_write_for_an_earlier_attempt_never_lands_on_the_next(tmp_path, monkeypatch):
+    """Attempt 1 (supervisor 111) fails and is stopped while the disk refuses writes; the next
+    attempt's supervisor (222) writes its own record once the disk works, before our queued
+    changes go: they must not turn the running attempt's record into attempt 1's end (its
+    supervisor would take that for its wrapper's word and report a failure)."""
+    registry, records = attempt_1_failed_on_a_full_disk(
+        tmp_path, monkeypatch, lambda r: r.stopped({"q1-a": {"retry_count": 1}}, supervisors={"q1-a": 111}),
+        lambda r: r.peaks({"q1-a": {"peak_vram_gb": 9.0}}, supervisors={"q1-a": 111}))
     registry.set("q1-a", state="running", exec_pid=222, pid=333, attempt=2)  # the next attempt, itself
     assert records.flush()
     record = registry.read()["q1-a"]
@@ -37,12 +46,7 @@ def test_a_late_write_for_an_earlier_attempt_never_lands_on_the_next(tmp_path, m
 def test_a_late_write_for_the_same_attempt_lands(tmp_path, monkeypatch):
     """The same queued failure, with no later attempt in between: written once the disk works,
     over what the attempt's own supervisor wrote."""
-    registry = Registry(tmp_path / "uni_id.json")
-    registry.set("q1-a", state="running", supervisor_pid=111, exec_pid=111, attempt=1)
-    records = Records(registry)
-    with monkeypatch.context() as m:
-        m.setattr(Registry, "_write", enospc)
-        records.failed("q1-a", {"state": "abnormal_exit", "error_type": "oom", "retry_count": 1}, 111)
+    registry, records = attempt_1_failed_on_a_full_disk(tmp_path, monkeypatch)
     registry.set("q1-a", state="abnormal_exit", exit_status=1)  # its supervisor's last word
     assert records.flush()
     record = registry.read()["q1-a"]
