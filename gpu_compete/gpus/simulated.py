@@ -190,8 +190,9 @@ class SimulatedProbe:
                 claim, created = _claim_pid(pid, uid, self.namespace)
                 # A young process may be between fork and exec, showing its parent's
                 # environment (no claim, or the parent's): used now, read again next time.
-                settle = _EXEC_GRACE_S if claim is None or _parents_image(pid, ppid) else _CLAIM_SETTLE_S
-                if created is None or now - created >= settle:
+                age = None if created is None else now - created
+                if age is None or age >= _EXEC_GRACE_S or (
+                        claim is not None and age >= _CLAIM_SETTLE_S and not _parents_image(pid, ppid)):
                     self._seen[key] = claim
                     if claim is None:
                         self._ignored[pid] = now + _IGNORE_S
