@@ -29,15 +29,15 @@ from . import evidence, launcher, procs, stopping
 from .agent_local import OneMachine
 from .forkserver import ForkServer
 from .gpus import open_probe
-from .gpus.base import GpuProbe, GpuSnapshot, current_user, key_to_record
+from .gpus.base import GpuProbe, GpuSnapshot, current_user
 from .hostguard import GuardWatch, HostGuard
 from .outcomes import GHOST_S
 from .placing import dead_listed, descends, roots_of, tree_on
 from .records import Records, launch_fields
-from .registry import Registry, RegistryError, private_dirs
+from .registry import Registry, private_dirs
 from .tasks import GIB, TaskSpec
 from .timefmt import iso
-from .vram import PEAK_STEP_BYTES, VramWatch
+from .vram import VramWatch, peak_to_write
 
 #: How often a wait looks at its supervisors where the kernel has no pidfd to wait on.
 _POLL_S = 0.1
@@ -210,10 +210,7 @@ class Agent(OneMachine):
         self._wait(wait_s)
         with self.lock:
             snapshots = self.probe.snapshot()
-            try:
-                records = self.records.read()
-            except RegistryError:
-                records = {}
+            records = self.records.read_or_empty()
             now = time.monotonic()
             self.ghosts = {pid: until for pid, until in self.ghosts.items() if until > now}
             tasks = {uid: self._how(uid, records.get(uid), snapshots) for uid in {*expected, *self.children}}
@@ -238,10 +235,7 @@ class Agent(OneMachine):
         while no coordinator watched; the coordinator takes the outcomes it has not taken yet).
         {uid: {"gpu", "attempt", "state", "error_type"}}."""
         self._contact()
-        try:
-            records = self.records.read()
-        except RegistryError:
-            records = {}
+        records = self.records.read_or_empty()
         wanted = set(uni_ids)
         live = evidence.live_task_processes(wanted, self.namespace)
         found = {}
@@ -262,10 +256,7 @@ class Agent(OneMachine):
         (`stop --kill`): once their supervisors have written how they ended, their records say
         `stopped`, so a restarted coordinator runs them again without counting a failure."""
         self._contact()
-        try:
-            records = self.records.read()
-        except RegistryError:
-            records = {}
+        records = self.records.read_or_empty()
         chosen = [records.get(uid) or {} for uid in uni_ids]
 
         stopping.end_tasks(chosen, self.kill_grace, lambda: None)  # the kernel reaps the fork server's children
@@ -393,10 +384,10 @@ class Agent(OneMachine):
             self.peaks[uid] = [start, start]
         peak = self.peaks[uid]
         peak[0] = max(peak[0], used)
-        if peak[0] - peak[1] < PEAK_STEP_BYTES:
-            return None
-        peak[1] = peak[0]
-        return {"peak_vram_gb": round(peak[0] / GIB, 2), "peak_gpu": key_to_record(key)}
+        fields = peak_to_write(peak[0], peak[1], key)
+        if fields:
+            peak[1] = peak[0]
+        return fields
 
     def _ended(self, outcome: str, error_type: str | None, record: dict[str, Any] | None, rc: int | None,
                why: str | None = None) -> dict[str, Any]:

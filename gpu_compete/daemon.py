@@ -251,10 +251,7 @@ class Daemon(Reconciling, Outcomes, Placing):
 
     def view(self) -> dict[str, Any]:
         now = self.clock()
-        try:
-            records = self.records.read()
-        except RegistryError:
-            records = {}
+        records = self.records.read_or_empty()
         view = self.observer.annotate(status.build(self.scene(), now, records))
         self.steer.view(view)
         return view
@@ -338,8 +335,7 @@ class Daemon(Reconciling, Outcomes, Placing):
         now_iso = _iso(self.wall())
         # (one that finished in the grace period keeps its success, collected on restart)
         self.records.stopped({t.uni_id: {"retry_count": t.retry_count, "retry_at": now_iso, "updated_at": now_iso}
-                              for t in running},
-                             supervisors={t.uni_id: self.known.get(t.uni_id, {}).get("supervisor_pid") for t in running})
+                              for t in running})
         for task in running:
             task.state, task.retry_at, task.error_type = TaskState.RETRY, 0.0, "stopped"
 

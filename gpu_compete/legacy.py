@@ -18,7 +18,6 @@ import structlog
 
 from . import journal
 from .records import Records
-from .registry import RegistryError
 from .tasks import TaskSpec
 
 log = structlog.get_logger("gpu_compete")
@@ -34,10 +33,7 @@ def migrate(specs: list[TaskSpec], history: Path, records: Records,
         uid = entry.get("uni_id")
         if isinstance(uid, str):
             lines.setdefault(uid, []).append(entry)
-    try:
-        found_records = records.read()
-    except RegistryError:
-        found_records = {}
+    found_records = records.read_or_empty()
     wanted = {s.legacy_uni_id: s.uni_id for s in specs
               if s.uni_id not in lines and s.uni_id not in found_records}
     found = {old: new for old, new in wanted.items() if old in lines or old in found_records}

@@ -127,8 +127,7 @@ class Outcomes:
             fields["retry_at"] = _iso(self.wall() + (decision.at - now))
         say_failed(task.uni_id, error_type, decision, permanent, now, note)
         uid = task.uni_id
-        self.records.failed(uid, {**fields, "updated_at": _iso(self.wall())},
-                            self.known.get(uid, {}).get("supervisor_pid"))  # that attempt's record only
+        self.records.failed(uid, {**fields, "updated_at": _iso(self.wall())})  # that attempt's record only
         known = self.known.get(uid, {})
         entry = {"uni_id": uid, "state": "abnormal_exit", "error_type": error_type, "queue": task.spec.queue,
                  "gpu": key_to_record(task.gpu), "attempt": decision.retry_count, "start": known.get("started_at"),

@@ -208,7 +208,7 @@ class Placing:
                    if t.state is TaskState.RUNNING and t.gpu_keys}
         grown = vram.update_peaks(self.vram, self.snapshots, running, not self.config.exclusive) if running else {}
         if grown:
-            self.records.peaks(grown, supervisors={u: self.known.get(u, {}).get("supervisor_pid") for u in grown})
+            self.records.peaks(grown)
 
 
 def explain_waits(cands: list, launched: set[str], snapshots: list[GpuSnapshot], exclusive: bool,

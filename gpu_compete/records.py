@@ -87,6 +87,13 @@ class Records:
         """The registry as it is on disk now (RegistryError: unreadable)."""
         return self.registry.read()
 
+    def read_or_empty(self) -> dict[str, dict[str, Any]]:
+        """The same, or no record while it cannot be read (for what can go on without it)."""
+        try:
+            return self.registry.read()
+        except RegistryError:
+            return {}
+
     # --- what is recorded ------------------------------------------------------------------
 
     def launched(self, uid: str, fields: dict[str, Any]) -> None:
@@ -99,10 +106,12 @@ class Records:
 
         self._write(change, vital=False)
 
-    def failed(self, uid: str, fields: dict[str, Any], supervisor_pid: int | None = None) -> None:
-        """An attempt (the one `supervisor_pid` ran) failed: these fields (error type, count,
-        give-up or retry time) go on its record, which must reach the file before the task's
-        next attempt writes its own (`write_pending`); never on a later attempt's record."""
+    def failed(self, uid: str, fields: dict[str, Any]) -> None:
+        """An attempt (the one whose record we know, `known`) failed: these fields (error
+        type, count, give-up or retry time) go on its record, which must reach the file before
+        the task's next attempt writes its own (`write_pending`); never on a later attempt's."""
+        supervisor_pid = self._supervisor(uid)
+
         def change(data: dict[str, Any]) -> None:
             if not same_attempt(data.get(uid), supervisor_pid):
                 return
@@ -117,11 +126,13 @@ class Records:
         """These tasks were ended on purpose ({uid: fields to add}): their records say
         `stopped`, so a restart runs them again without counting a failure; unless one
         finished meanwhile (its success stays). `existing`: only records still there;
-        `supervisors`: the stopped attempts' ({uid: supervisor pid}), as for `failed`."""
+        `supervisors`: the stopped attempts' ({uid: supervisor pid}; else those of the records
+        we know), as for `failed`."""
+        sups = {uid: self._supervisor(uid, supervisors) for uid in fields}
+
         def change(data: dict[str, Any]) -> None:
             for uid, extra in fields.items():
-                if (not existing or isinstance(data.get(uid), dict)) and \
-                        same_attempt(data.get(uid), (supervisors or {}).get(uid)):
+                if (not existing or isinstance(data.get(uid), dict)) and same_attempt(data.get(uid), sups[uid]):
                     stopping.mark_stopped(data, uid, **extra)
 
         self._write(change, fields)
@@ -131,9 +142,11 @@ class Records:
         """Running tasks' VRAM peaks grew ({uid: fields}; `supervisors` as for `stopped`).
         Not vital (what a task held, lost in a power cut at worst). `defer`: written with the
         next write or `flush`, not now (a node's agent answering the coordinator)."""
+        sups = {uid: self._supervisor(uid, supervisors) for uid in grown}
+
         def change(data: dict[str, Any]) -> None:
             for uid, extra in grown.items():
-                if isinstance(data.get(uid), dict) and same_attempt(data[uid], (supervisors or {}).get(uid)):
+                if isinstance(data.get(uid), dict) and same_attempt(data[uid], sups[uid]):
                     data[uid].update(extra)
 
         self._write(change, vital=False, defer=defer)
@@ -182,6 +195,11 @@ class Records:
     def put_back(self, missing: dict[str, dict[str, Any]]) -> None:
         """Records someone wiped while their tasks run: ours go back, unless one is there again."""
         self._write(lambda data: [data.setdefault(uid, record) for uid, record in missing.items()])
+
+    def _supervisor(self, uid: str, given: dict[str, int | None] | None = None) -> int | None:
+        """The supervisor of the attempt a change is about: as given, else the one of the
+        record we last wrote or saw (`known`; None: unknown, and the change applies)."""
+        return given.get(uid) if given is not None else self.known.get(uid, {}).get("supervisor_pid")
 
     # --- when it is written ----------------------------------------------------------------
 

@@ -197,8 +197,7 @@ class Steering(Orders):
         skip = kill["skip"]
         task.error_type = "stopped"
         task.state, task.retry_at = (TaskState.SKIPPED, 0.0) if skip else (TaskState.RETRY, now)
-        self.d.records.stopped({uid: {"retry_count": task.retry_count}},
-                               supervisors={uid: self.d.known.get(uid, {}).get("supervisor_pid")})
+        self.d.records.stopped({uid: {"retry_count": task.retry_count}})
         self.d.history.append({"uni_id": uid, "state": "stopped", "queue": task.spec.queue,
                               "attempt": task.retry_count + 1, "by": "kill"})
         if skip:

@@ -86,10 +86,18 @@ def note_usage(task: Task, per_gpu: Mapping[str, int], shared: bool) -> dict[str
         task.warned_over = True
         log.warning(f"{task.uni_id} declared {task.spec.vram_gb:g} GB and uses {used / GIB:.1f} GB on GPU {key}"
                     + (" (other tasks were promised that memory)" if shared else ""), uni_id=task.uni_id)
-    if used - task.peak_written < PEAK_STEP_BYTES:
+    fields = peak_to_write(used, task.peak_written, key)
+    if fields:
+        task.peak_written = used
+    return fields
+
+
+def peak_to_write(peak: int, written: int, key: str) -> dict[str, Any] | None:
+    """The record fields for a peak (seen on GPU `key`) once it has grown by PEAK_STEP_BYTES
+    since it was last written; None until then. The daemon's rule and every node agent's."""
+    if peak - written < PEAK_STEP_BYTES:
         return None
-    task.peak_written = used
-    return {"peak_vram_gb": round(used / GIB, 2), "peak_gpu": key_to_record(key)}
+    return {"peak_vram_gb": round(peak / GIB, 2), "peak_gpu": key_to_record(key)}
 
 
 def usage_fields(task: Task) -> dict[str, Any]:

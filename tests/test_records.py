@@ -19,9 +19,10 @@ def attempt_1_failed_on_a_full_disk(tmp_path, monkeypatch, *more) -> tuple[Regis
     registry = Registry(tmp_path / "uni_id.json")
     registry.set("q1-a", state="running", supervisor_pid=111, exec_pid=111, attempt=1)
     records = Records(registry)
+    records.known["q1-a"] = registry.read()["q1-a"]  # as the daemon's round saw it
     with monkeypatch.context() as m:
         m.setattr(Registry, "_write", enospc)
-        records.failed("q1-a", {"state": "abnormal_exit", "error_type": "oom", "retry_count": 1}, 111)
+        records.failed("q1-a", {"state": "abnormal_exit", "error_type": "oom", "retry_count": 1})
         for change in more:
             change(records)
         assert not records.flush()
